@@ -1,0 +1,131 @@
+"""The engine interface: one object per built engine that the DDIM sampler can call like a PyTorch UNet.
+
+An Engine is a `pqcad_export.sampling.UNetFn`: eps = engine(sample[B,C,H,W] f32, timestep[B] int64, cond|None),
+so sampling, FID and latency use exactly the same loop for PyTorch, ONNX Runtime and TensorRT.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .manifest import EngineInfo
+
+
+@dataclass
+class LatencyStats:
+    """Per-UNet-call latency: median of >= `iters` timed runs after `warmup` untimed runs."""
+
+    batch: int
+    iters: int
+    warmup: int
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    p90_ms: float
+    timer: str = "perf_counter"
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ms_per_sample(self) -> float:
+        return self.median_ms / self.batch
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ms_per_sample"] = self.ms_per_sample
+        return d
+
+
+def summarize_ms(samples: list[float], batch: int, warmup: int, timer: str) -> LatencyStats:
+    s = sorted(samples)
+    p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return LatencyStats(batch=batch, iters=len(s), warmup=warmup, median_ms=statistics.median(s),
+                        mean_ms=statistics.fmean(s), min_ms=s[0], max_ms=s[-1], p90_ms=p90, timer=timer,
+                        samples_ms=[round(x, 4) for x in samples])
+
+
+def time_cpu(fn: Callable[[], object], batch: int, warmup: int = 3, iters: int = 10) -> LatencyStats:
+    """Wall-clock timing of a synchronous call (CPU backends)."""
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    for _ in range(max(0, warmup)):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return summarize_ms(out, batch, warmup, "perf_counter")
+
+
+def time_cuda(fn: Callable[[], object], batch: int, warmup: int = 10, iters: int = 50,
+              stream: Optional[torch.cuda.Stream] = None) -> LatencyStats:
+    """CUDA-event timing of an asynchronous GPU call on `stream` (TensorRT, torch CUDA)."""
+    stream = stream or torch.cuda.current_stream()
+    for _ in range(max(0, warmup)):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        fn()
+        b.record(stream)
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return summarize_ms(out, batch, warmup, "cuda_event")
+
+
+class Engine(ABC):
+    """A loaded, runnable engine. Subclasses implement `_run` on backend-native inputs."""
+
+    info: EngineInfo
+
+    @property
+    def backend(self) -> str:
+        return self.info.backend
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def sample_shape(self) -> Optional[tuple[int, int, int]]:
+        s = self.info.sample_shape
+        return tuple(s) if s else None  # type: ignore[return-value]
+
+    @property
+    def conditional(self) -> bool:
+        return "encoder_hidden_states" in self.info.input_names
+
+    @abstractmethod
+    def run(self, sample: torch.Tensor, timestep: torch.Tensor,
+            encoder_hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps for one batch (returned on the same device as `sample`)."""
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if timestep.dim() == 0:
+            timestep = timestep.expand(sample.shape[0])
+        return self.run(sample, timestep, encoder_hidden_states)
+
+    def example_inputs(self, batch: int, seed: int = 0, cond_shape: Optional[tuple[int, ...]] = None):
+        if self.sample_shape is None:
+            raise ValueError("engine manifest has no sample_shape")
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((batch, *self.sample_shape), generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        c = torch.randn((batch, *cond_shape), generator=g) if cond_shape else None
+        return x, t, c
+
+    def latency(self, batch: int = 1, warmup: int = 3, iters: int = 10, seed: int = 0,
+                cond_shape: Optional[tuple[int, ...]] = None) -> LatencyStats:
+        """Per-call latency at `batch` (median of `iters` timed runs after `warmup`)."""
+        x, t, c = self.example_inputs(batch, seed, cond_shape)
+        return time_cpu(lambda: self.run(x, t, c), batch, warmup, iters)

@@ -1,0 +1,101 @@
+"""engine.json: what was built, by which backend/version, which precision each layer runs in, and the build log.
+
+Written atomically so a run directory never holds a half-written manifest (resumable builds trust it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+MANIFEST_NAME = "engine.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EngineInfo:
+    """The manifest of one built engine (engine.json)."""
+
+    backend: str                      # "tensorrt" | "tensorrt-rtx" | "onnxruntime"
+    engine_file: str                  # file name inside the engine directory (plan or onnx)
+    source_onnx: str                  # the QDQ ONNX it was built from
+    version: str                      # backend library version
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    sample_shape: Optional[list[int]] = None   # [C, H, W] of the UNet sample input
+    timestep_dtype: str = "float32"
+    batch_profile: Optional[list[int]] = None  # [min, opt, max] batch where the backend has a profile
+    device: str = "cpu"
+    executed: bool = False            # True only if the engine ran here (see ARCHITECTURE "Honesty rules")
+    validated: bool = False           # True if a real TensorRT-family parser/builder accepted the graph
+    precision: dict[str, Any] = field(default_factory=dict)  # summary: counts of int8/int4/float layers, kernels
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer precision where known
+    build_log: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    schema: int = SCHEMA_VERSION
+    directory: Optional[str] = None   # filled on load; not part of the written file
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("directory", None)
+        return d
+
+    @property
+    def path(self) -> Path:
+        if self.directory is None:
+            raise ValueError("EngineInfo not bound to a directory")
+        return Path(self.directory) / self.engine_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(info: EngineInfo, out_dir: str | Path) -> Path:
+    out = Path(out_dir) / MANIFEST_NAME
+    atomic_write_text(out, json.dumps(info.to_dict(), indent=2, sort_keys=False, default=str))
+    info.directory = str(Path(out_dir))
+    return out
+
+
+def read_manifest(engine_dir: str | Path) -> EngineInfo:
+    """Read DIR/engine.json; raises ValueError (callers turn it into a one-line error)."""
+    p = Path(engine_dir) / MANIFEST_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {engine_dir}")
+    d = json.loads(p.read_text())
+    known = set(EngineInfo.__dataclass_fields__)
+    info = EngineInfo(**{k: v for k, v in d.items() if k in known})
+    info.directory = str(Path(engine_dir))
+    return info

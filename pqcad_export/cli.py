@@ -1,0 +1,54 @@
+"""`pqcad-export` command line: thin wrappers over the library; every failure is one line and a non-zero exit.
+
+Exit codes: 0 success, 1 a failure the tool explains, 2 bad usage.
+Each command imports its implementation lazily so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .errors import PqcadError
+
+PRESETS = click.Choice(["quick", "paper"])
+MODEL_HELP = "diffusers UNet directory (model or pipeline layout); default: the built-in Fashion-MNIST teacher"
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def friendly(fn):
+    """Turn PqcadError (and KeyboardInterrupt) into one line + exit code, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PqcadError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished stages and checkpoints are kept (rerun to resume)", 130)
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size or the quick preset", 1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pqcad-export")
+def main() -> None:
+    """Quantize (PQ) and distill (CAD) a diffusion UNet, export QDQ ONNX, build TensorRT / ONNX Runtime
+    engines and compare them with the FP32 100-step model.
+
+    Typical use:  pqcad-export build --bits w4a8
+    """
+
+
+# Each subcommand lives in pqcad_export/commands/<name>.py and registers itself on `main`.
+from . import commands  # noqa: E402,F401

@@ -1,0 +1,62 @@
+"""`pqcad-export calibrate`: collect C_QC (and optionally C_DC) from the FP model's DDIM trajectories."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import MODEL_HELP, PRESETS, friendly, main
+
+STRATEGY_NAMES = ("uniform", "ndtc", "tdac")
+
+
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--out", required=True, type=click.Path(), help="output directory (gets c_qc/ and c_dc/ sets)")
+@click.option("--steps", default=100, show_default=True, type=int, help="DDIM steps of the FP trajectories (T)")
+@click.option("--strategy", default="uniform", show_default=True, type=click.Choice(STRATEGY_NAMES),
+              help="how many inputs to keep per step and which (uniform: Q-Diffusion; ndtc: PTQ4DM; tdac: EDA-DM)")
+@click.option("--preset", default="quick", show_default=True, type=PRESETS)
+@click.option("--n-per-step", type=int, default=None, help="samples kept per kept step [preset: quick 16, paper 256]")
+@click.option("--every-k", type=int, default=None, help="keep every k-th step (uniform/tdac) [preset: 5]")
+@click.option("--total", "n_total", type=int, default=None, help="ndtc total budget [default: the uniform budget]")
+@click.option("--trajectories", "n_trajectories", type=int, default=None,
+              help="FP trajectories to run [default: what the strategy needs]")
+@click.option("--with-dc/--no-dc", "with_dc", default=True, show_default=True,
+              help="also collect C_DC (distillation set, one sample per student step)")
+@click.option("--dc-size", type=int, default=None, help="C_DC rows [default: one per student step, T/2]")
+@click.option("--dc-trajectories", type=int, default=None,
+              help="stochastic trajectories for C_DC [quick 4, paper 64]")
+@click.option("--batch-size", type=int, default=None, help="trajectories per UNet batch [quick 16, paper 64]")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@friendly
+def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
+              dc_trajectories, batch_size, seed, device, quiet):
+    """Collect time-step-aware calibration inputs (z_t, t[, cond]) into safetensors shards + manifest.json."""
+    from pathlib import Path
+
+    from calibration import CalibConfig, calibrate as run_calibration
+    from pqcad_export.errors import UsageError
+    from pqcad_export.model_io import load_model
+
+    cfg = CalibConfig.preset(preset, steps=steps, strategy=strategy, n_per_step=n_per_step, every_k=every_k,
+                             n_total=n_total, n_trajectories=n_trajectories, with_dc=with_dc, dc_size=dc_size,
+                             dc_trajectories=dc_trajectories, batch_size=batch_size, seed=seed)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    try:
+        import torch
+
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"unusable --device '{device}': {str(exc).splitlines()[0]}") from None
+    loaded = load_model(model, device)  # one-line PqcadError before anything is written
+    result = run_calibration(loaded, cfg, out_dir, device=device, quiet=quiet)
+    for kind, man in result.items():
+        if man is None:
+            continue
+        steps_kept = len(man["per_step_counts"])
+        click.echo(f"{kind}: {man['count']} samples over {steps_kept} steps from {man['n_trajectories']} "
+                   f"trajectories -> {out_dir / kind} ({len(man['shards'])} shard(s), {man['collect_seconds']:.1f} s)")

@@ -1,0 +1,50 @@
+"""`pqcad-export distill`: CAD (arXiv 2506.16776 Alg. 4): a 50-step quantized student from the 100-step quantized
+teacher, with the C_DC calibration loss of Eq. (8)."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import PRESETS, friendly, main
+
+
+@main.command()
+@click.option("--quantized", required=True, type=click.Path(), help="quantized 100-step teacher (quantize --out)")
+@click.option("--calib", required=True, type=click.Path(),
+              help="calibration directory with c_dc/ (calibrate --out), or the C_DC set directory")
+@click.option("--out", required=True, type=click.Path(), help="output directory for the 50-step student")
+@click.option("--calib-loss", default=None, type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]),
+              help="distance between student outputs and C_DC (default em; swd = sliced EM for big batches)")
+@click.option("--lambda", "lam", default=None, type=float, help="weight of the calibration term of Eq. (8)")
+@click.option("--preset", default="quick", show_default=True, type=PRESETS)
+@click.option("--iters", default=None, type=int, help="student updates (default: the preset's)")
+@click.option("--batch-size", default=None, type=int, help="training images per update (default: the preset's)")
+@click.option("--model", default=None,
+              help="FP model the data-free training images are sampled from (default: the built-in teacher "
+                   "when the quantized model was made from it, else the quantized teacher itself)")
+@click.option("--data", default=None, help="train on images from this dataset path instead of data-free samples")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=None, type=int, help="random seed (default 0)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@friendly
+def distill(quantized, calib, out, calib_loss, lam, preset, iters, batch_size, model, data, device, seed, quiet):
+    """Distill the quantized teacher into a quantized student that needs half the DDIM steps (CAD).
+
+    Resumes from OUT/cad_checkpoint.pt after an interruption; writes the student in the quantized format
+    (steps: 50) plus OUT/cad_log.json.
+    """
+    from ..distill import CadConfig
+    from ..distill import distill as run
+
+    cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, iters=iters, batch_size=batch_size,
+                           dataset=data, seed=seed)
+    student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet)
+    from pathlib import Path
+    import json
+
+    log = json.loads((Path(out) / "cad_log.json").read_text())
+    b, a = log["eval_before"], log["eval_after"]
+    click.echo(f"student: {student.bits.name}, {student.steps} steps -> {out}")
+    click.echo(f"CAD loss on the fixed eval batch: {b['loss']:.4g} -> {a['loss']:.4g} "
+               f"(KD {b['kd']:.4g} -> {a['kd']:.4g}, {cfg.calib_loss} {b['calib']:.4g} -> {a['calib']:.4g}); "
+               f"{log['iters']} updates in {log['seconds']:.0f}s; training images: {log['training_images']}")

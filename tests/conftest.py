@@ -1,0 +1,50 @@
+"""Seeded tiny diffusers UNets in diffusers layout, shared by every test (CPU, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from pqcad_export.model_io import DEFAULT_SCHEDULER_CONFIG
+
+
+def _save(unet, path):
+    unet.save_pretrained(str(path), safe_serialization=True)
+    (path / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG))
+    return path
+
+
+def make_tiny_unet(attention: bool = False, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
+    up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=down, up_block_types=up,
+                       norm_num_groups=8, attention_head_dim=8).eval()
+
+
+def make_tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=16,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory):
+    return _save(make_tiny_unet(attention=False), tmp_path_factory.mktemp("tiny_unet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_attn_unet_dir(tmp_path_factory):
+    return _save(make_tiny_unet(attention=True), tmp_path_factory.mktemp("tiny_attn_unet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_unet_dir(tmp_path_factory):
+    return _save(make_tiny_cond_unet(), tmp_path_factory.mktemp("tiny_cond_unet"))

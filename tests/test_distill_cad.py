@@ -1,0 +1,176 @@
+"""CAD end to end on a tiny quantized UNet (CPU, seeded): loss goes down, the student stays on the teacher's
+integer grid and saves as a 50-step quantized model, interrupt + resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from calibration import CalibConfig, collect_cdc
+from pqcad_export.cli import main
+from pqcad_export.distill import CadConfig, distill, load_cdc, prepare_student, run_cad, student_grid
+from pqcad_export.distill.student import LatentGridWeight, max_grid_error
+from pqcad_export.errors import PqcadError
+from pqcad_export.model_io import load_model
+from pqcad_export.quantize import ReconConfig, load_quantized, quantize_model, save_quantized
+from pqcad_export.sampling import SamplerConfig, ddim_sample
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs are fastest (and least disturbed by a busy machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_unet_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cad")
+    lm = load_model(tiny_unet_dir)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(16, 1, 16, 16, generator=g),
+                "timestep": torch.randint(0, 1000, (16,), generator=g)}]
+    qm = quantize_model(lm, batches, "w4a8", "direct",
+                        ReconConfig.preset("quick", iters=2, act_iters=2, progress=False))
+    qdir = save_quantized(qm, root / "quant")
+    collect_cdc(lm, CalibConfig.preset("quick", dc_trajectories=4, dc_size=100, batch_size=4),
+                root / "calib" / "c_dc", quiet=True)
+    return {"root": root, "quant": qdir, "calib": root / "calib", "model": tiny_unet_dir}
+
+
+def quick(**kw) -> CadConfig:
+    base = dict(iters=6, batch_size=2, n_train_images=4, eval_images=2, eval_steps=2, checkpoint_every=2,
+                log_every=2, cdc_batch=2)
+    base.update(kw)
+    return CadConfig.preset("quick", **base)
+
+
+def test_few_iterations_lower_the_loss(setup):
+    q = load_quantized(setup["quant"])
+    cdc = load_cdc(setup["calib"], student_grid(q.scheduler_config)[1])
+    assert cdc.count == 100 and len(cdc.by_t) == 50
+    imgs = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    res = run_cad(q.unet, q.scheduler_config, cdc, quick(iters=16, lr=3e-4, lr_act=3e-4), imgs)
+    before, after = res.log["eval_before"], res.log["eval_after"]
+    assert after["loss"] < before["loss"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.log["history"])
+    # the frozen teacher was not touched by training its copy
+    q2 = load_quantized(setup["quant"])
+    for (n1, a), (_, b) in zip(q.quant_layers(), q2.quant_layers()):
+        assert torch.equal(a.weight_int(), b.weight_int()), n1
+
+
+def test_student_stays_on_integer_grid_and_saves_as_50_steps(setup, tmp_path):
+    q = load_quantized(setup["quant"])
+    out = tmp_path / "student"
+    st = distill(setup["quant"], setup["calib"], quick(iters=6, lr=2e-3), out, fp_model=setup["model"])
+    assert st.steps == 50 and st.meta["distillation"]["method"] == "cad"
+    re = load_quantized(out)
+    assert re.steps == 50 and re.bits == q.bits
+    changed = 0
+    for (name, a), (_, b) in zip(q.quant_layers(), re.quant_layers()):
+        wi = b.weight_int()
+        lo, hi = -(2 ** (b.weight_bits - 1)), 2 ** (b.weight_bits - 1) - 1
+        assert wi.dtype == torch.int8 and int(wi.min()) >= lo and int(wi.max()) <= hi, name
+        assert torch.equal(b.weight_scale(), a.weight_scale()), f"{name}: the grid (delta) must stay the teacher's"
+        d = b.weight_scale().reshape(-1, *([1] * (wi.dim() - 1)))
+        assert torch.equal(b.weight, wi.float() * d), name
+        changed += int((wi != a.weight_int()).sum())
+    assert changed > 0, "training should move some weights to neighbouring integers"
+    # the stored tensors are integers, and reload is bit-identical
+    state = load_file(str(out / "quantized.safetensors"))
+    assert any(k.endswith("wq.w_int") and v.dtype == torch.int8 for k, v in state.items())
+    log = json.loads((out / "cad_log.json").read_text())
+    assert log["cdc"]["rows"] == 100 and "data-free" in log["training_images"]
+    assert not (out / "cad_checkpoint.pt").exists()
+    # the 50-step student samples through the shared DDIM loop
+    imgs = ddim_sample(re, re.scheduler_config, re.sample_shape, 2, SamplerConfig(steps=50, batch_size=2, seed=3))
+    assert imgs.shape == (2, 1, 16, 16) and torch.isfinite(imgs).all()
+    imgs2 = ddim_sample(st, st.scheduler_config, st.sample_shape, 2, SamplerConfig(steps=50, batch_size=2, seed=3))
+    assert torch.equal(imgs, imgs2)
+
+
+def test_interrupt_and_resume_equals_uninterrupted(setup, tmp_path):
+    cfg = quick(iters=6, checkpoint_every=2, lr=1e-3)
+    full = tmp_path / "full"
+    distill(setup["quant"], setup["calib"], cfg, full, fp_model=setup["model"])
+
+    part = tmp_path / "part"
+
+    def interrupt(i):
+        if i == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(setup["quant"], setup["calib"], cfg, part, fp_model=setup["model"], on_iter=interrupt)
+    assert (part / "cad_checkpoint.pt").is_file() and not (part / "quant.json").exists()
+    distill(setup["quant"], setup["calib"], cfg, part, fp_model=setup["model"])
+    a, b = load_file(str(full / "quantized.safetensors")), load_file(str(part / "quantized.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la, lb = (json.loads((d / "cad_log.json").read_text()) for d in (full, part))
+    assert lb["resumed_from"] == 4 and la["resumed_from"] is None
+    assert la["history"] == lb["history"]
+
+
+def test_nan_is_a_one_line_error(setup):
+    q = load_quantized(setup["quant"])
+    imgs = torch.full((2, 1, 16, 16), float("nan"))
+    with pytest.raises(PqcadError, match="diverged"):
+        run_cad(q.unet, q.scheduler_config, setup["calib"], quick(iters=2), imgs)
+
+
+def test_plain_fp_module_gets_a_grid_and_ends_on_it(tiny_unet_dir):
+    lm = load_model(tiny_unet_dir)
+    ref = prepare_student(lm.unet, bits=8)
+    assert max_grid_error(ref) < 1e-4
+    deltas = {n: m.parametrizations.weight[0].delta for n, m in ref.named_modules()
+              if isinstance(m, torch.nn.Conv2d)}
+    imgs = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    res = run_cad(lm.unet, lm.scheduler_config, None, quick(iters=3, calib_loss="none", lr=1e-2), imgs)
+    moved = 0
+    for name, m in res.student.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            q = m.weight.detach() / deltas[name].reshape(-1, 1, 1, 1)
+            assert torch.allclose(q, q.round(), atol=1e-3), name
+            moved += int((q.round() != (ref.get_submodule(name).weight.detach()
+                                        / deltas[name].reshape(-1, 1, 1, 1)).round()).sum())
+    assert moved > 0
+    assert not any(isinstance(x, LatentGridWeight) for x in res.student.modules())
+
+
+def test_load_cdc_sources_and_off_grid_rows(setup):
+    _, grid = student_grid(load_quantized(setup["quant"]).scheduler_config)
+    rows = {"sample": torch.zeros(3, 1, 4, 4), "timestep": torch.tensor([int(grid[0]), 5, int(grid[0])]),
+            "x0_pred": torch.zeros(3, 1, 4, 4)}
+    bank = load_cdc(rows, grid)
+    assert bank.count == 2 and bank.ignored_rows == 1 and bank.rows(int(grid[0]))["sample"].shape[0] == 2
+    bank2 = load_cdc(iter([{k: v[:1] for k, v in rows.items()}, {k: v[1:] for k, v in rows.items()}]), grid)
+    assert bank2.count == 2
+    with pytest.raises(PqcadError, match="grid"):
+        load_cdc({"sample": torch.zeros(1, 1, 4, 4), "timestep": torch.tensor([5])}, grid)
+    with pytest.raises(PqcadError):
+        load_cdc(setup["root"] / "nowhere", grid)
+
+
+def test_cli_distill(setup, tmp_path):
+    r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]),
+                                  "--out", str(tmp_path / "s"), "--iters", "2", "--batch-size", "2",
+                                  "--calib-loss", "jsd", "--lambda", "0.5", "--model", str(setup["model"]),
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "50 steps" in r.output
+    assert json.loads((tmp_path / "s" / "quant.json").read_text())["steps"] == 50
+    r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib",
+                                  str(tmp_path / "missing"), "--out", str(tmp_path / "t")])
+    assert r.exit_code == 1 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]),
+                                  "--out", str(tmp_path / "u"), "--lambda", "-1"])
+    assert r.exit_code == 2, r.output
