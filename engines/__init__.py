@@ -47,8 +47,11 @@ def resolve_backend(backend: str = "auto") -> tuple[str, str]:
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, backend: str = "auto", trt_config=None,
-                 ort_config=None) -> EngineInfo:
-    """Build an engine directory (plan or ORT model + engine.json) from a QDQ ONNX file."""
+                 ort_config=None, calib_feeds=None) -> EngineInfo:
+    """Build an engine directory (plan or ORT model + engine.json) from a QDQ ONNX file.
+
+    calib_feeds ({"sample", "timestep"[, "encoder_hidden_states"]} numpy arrays, e.g. from C_QC) calibrate the
+    ORT CPU copy's Conv-output requantization; default N(0,1) samples over t in [0, 999]."""
     from .tensorrt import TensorRTBuildError, TensorRTUnavailable, TrtConfig, build_trt_engine
 
     onnx_path = Path(onnx_path)
@@ -57,6 +60,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, backend: str = "aut
     chosen, reason = resolve_backend(backend)
     if chosen in ("tensorrt", "tensorrt-rtx"):
         cfg = trt_config or TrtConfig(compute_capability="SM89" if chosen == "tensorrt-rtx" else None)
+        from .tensorrt import import_tensorrt
+
+        try:
+            import_tensorrt(chosen)
+        except TensorRTUnavailable as exc:
+            raise EngineError(f"backend {chosen} requested but {exc}; install the [{chosen}] extra") from None
         if chosen == "tensorrt" and not gpu_available():
             raise EngineError("backend tensorrt needs a CUDA GPU to build (none visible); use "
                               "--backend onnxruntime, or tensorrt-rtx for an ahead-of-time SM89 build")
@@ -69,7 +78,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, backend: str = "aut
     else:
         from .onnxruntime import build_ort_engine
 
-        info = build_ort_engine(onnx_path, out_dir, ort_config)
+        info = build_ort_engine(onnx_path, out_dir, ort_config, calib_feeds)
     info.notes.insert(0, f"backend {chosen}: {reason}")
     from .manifest import write_manifest
 

@@ -355,6 +355,10 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
     log: list[str] = []
     notes: list[str] = []
     stats: dict[str, Any] = {}
+    if cfg.mode == "int8" and pick_providers(cfg.provider)[0].startswith("CUDA"):
+        cfg = OrtConfig(**{**cfg.to_dict(), "mode": "qdq"})
+        notes.append("CUDA execution provider: running the exported QDQ graph as is (the u8/requant rewrite is "
+                     "for x86 CPU kernels)")
     if cfg.mode == "int8":
         model, stats = to_cpu_int8(src, cfg, calib_feeds)
         log.append(f"cpu int8 copy: {stats['u8_activation_qdq']} activation Q/DQ as u8 zp128, "
@@ -362,7 +366,11 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
                    f"{cfg.calib_samples} N(0,1) samples)")
     else:
         model = src
-    onnx.save(model, str(out / ENGINE_FILE))
+    if model.ByteSize() > (1 << 30):  # protobuf's 2 GiB limit
+        onnx.save_model(model, str(out / ENGINE_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=ENGINE_FILE + ".data")
+    else:
+        onnx.save(model, str(out / ENGINE_FILE))
     ks = kernel_summary(out / ENGINE_FILE, cfg)
     log.append(f"kernels after ORT optimisation ({cfg.optimization_level}): {ks['op_counts']}")
     ins, outs, shape, t_dtype = _input_meta(src)

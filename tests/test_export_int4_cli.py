@@ -54,3 +54,41 @@ def test_export_cli_roundtrip(tmp_path):
     r = CliRunner().invoke(main, ["export", "--quantized", str(tmp_path / "quant"), "--out", str(out),
                                   "--opset", "13"])
     assert r.exit_code == 2
+
+
+@pytest.mark.slow
+def test_conditional_unet_export(tmp_path):
+    """Cross-attention UNet: encoder_hidden_states input, lint clean, parity, RTX build."""
+    import torch
+    from conftest import make_tiny_cond_unet
+
+    from pqcad_export.bits import parse_bits
+    from pqcad_export.quantize.blocks import call_unet
+    from pqcad_export.quantize.wrap import attn_processors, freeze_all, quant_layers, wrap_unet
+
+    u = make_tiny_cond_unet()
+    wrap_unet(u, parse_bits("w8a8"), attn_matmul_quant=True)
+    for _, m in quant_layers(u):
+        w = m.w_fp
+        m.wq.delta = w.abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-8) / m.wq.qmax
+    qs = [q for _, m in list(quant_layers(u)) + list(attn_processors(u)) for q in m.act_quantizers()]
+    for q in qs:
+        q.calibrating = True
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        call_unet(u, {"sample": torch.randn(2, 2, 8, 8, generator=g), "timestep": torch.tensor([1, 999]),
+                      "encoder_hidden_states": torch.randn(2, 5, 16, generator=g)})
+    for q in qs:
+        q.init_from_data(method="percentile")
+    freeze_all(u)
+    res = export_unet(u, tmp_path / "cond.onnx", ExportConfig(cond_seq_len=5))
+    assert lint_model(res.path).ok
+    par = check_parity(res.path, u, ParityConfig(timesteps=(999, 1), batch=2, cond_seq_len=5))
+    assert par.ok, par.notes
+    if HAVE_RTX:
+        from engines.tensorrt import TrtConfig, build_trt_engine
+
+        info = build_trt_engine(res.path, tmp_path / "eng", TrtConfig(compute_capability="SM86", max_batch=2,
+                                                                      opt_batch=1), "tensorrt-rtx")
+        assert info.precision["quantized_layers"]["float"] == 0
+        assert "encoder_hidden_states" in info.input_names

@@ -3,6 +3,9 @@ teacher, with the C_DC calibration loss of Eq. (8)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
 from ..cli import PRESETS, friendly, main
@@ -39,12 +42,14 @@ def distill(quantized, calib, out, calib_loss, lam, preset, iters, batch_size, m
     cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, iters=iters, batch_size=batch_size,
                            dataset=data, seed=seed)
     student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet)
-    from pathlib import Path
-    import json
-
     log = json.loads((Path(out) / "cad_log.json").read_text())
     b, a = log["eval_before"], log["eval_after"]
     click.echo(f"student: {student.bits.name}, {student.steps} steps -> {out}")
     click.echo(f"CAD loss on the fixed eval batch: {b['loss']:.4g} -> {a['loss']:.4g} "
                f"(KD {b['kd']:.4g} -> {a['kd']:.4g}, {cfg.calib_loss} {b['calib']:.4g} -> {a['calib']:.4g}); "
                f"{log['iters']} updates in {log['seconds']:.0f}s; training images: {log['training_images']}")
+    gap = log.get("sample_gap_mse")
+    if gap:
+        parts = [f"{k} {gap['before'][k]:.4g} -> {gap['after'][k]:.4g}" for k in gap["before"]]
+        click.echo(f"50-step sample MSE vs 100-step references ({gap['n']} images), teacher-at-50 -> student: "
+                   + "; ".join(parts))

@@ -40,7 +40,7 @@ def engine(onnx_file, out, backend, max_batch, opt_batch, compute_capability, or
         trt_cfg = TrtConfig(max_batch=max_batch, opt_batch=opt_batch,
                             compute_capability=compute_capability if chosen == "tensorrt-rtx" else None)
         with con.status(f"building {chosen} engine..."):
-            info = build_engine(onnx_file, out, chosen, trt_config=trt_cfg,
+            info = build_engine(onnx_file, out, backend, trt_config=trt_cfg,
                                 ort_config=OrtConfig(mode=ort_mode, intra_op_threads=threads))
     except EngineError as exc:
         raise PqcadError(str(exc)) from None

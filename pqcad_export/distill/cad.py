@@ -191,7 +191,7 @@ def _iter_generator(seed: int, it: int) -> torch.Generator:
 
 class _Trainer:
     def __init__(self, teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
-                 images: torch.Tensor, device: torch.device, cond_fn=None):
+                 images: torch.Tensor, device: torch.device):
         self.cfg, self.device = cfg, device
         self.sched = Schedule.from_config(scheduler_config)
         self.scheduler_config = scheduler_config

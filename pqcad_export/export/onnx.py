@@ -121,6 +121,7 @@ class ExportConv(nn.Module):
         self.qname = name
         self.register_buffer("w_int", layer.weight_int().to(torch.int8).contiguous())
         self.register_buffer("w_scale", layer.weight_scale().to(torch.float32).contiguous())
+        self.n_out = int(self.w_scale.numel())  # a Python int, so the ONNX symbolic sees a constant
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, \
             layer.groups
@@ -130,7 +131,7 @@ class ExportConv(nn.Module):
     def forward(self, x):
         if self.aq is not None:
             x = self.aq(x)
-        w = _DQWeight.apply(self.w_int, self.w_scale, 0, self.w_scale.numel())
+        w = _DQWeight.apply(self.w_int, self.w_scale, 0, self.n_out)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -146,6 +147,7 @@ class ExportSplitConv(nn.Module):
         self.register_buffer("w_int_a", w[:, :s].contiguous())
         self.register_buffer("w_int_b", w[:, s:].contiguous())
         self.register_buffer("w_scale", layer.weight_scale().to(torch.float32).contiguous())
+        self.n_out = int(self.w_scale.numel())  # a Python int, so the ONNX symbolic sees a constant
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, \
             layer.groups
@@ -160,8 +162,8 @@ class ExportSplitConv(nn.Module):
             a = self.aq(a)
         if self.aq2 is not None:
             b = self.aq2(b)
-        wa = _DQWeight.apply(self.w_int_a, self.w_scale, 0, self.w_scale.numel())
-        wb = _DQWeight.apply(self.w_int_b, self.w_scale, 0, self.w_scale.numel())
+        wa = _DQWeight.apply(self.w_int_a, self.w_scale, 0, self.n_out)
+        wb = _DQWeight.apply(self.w_int_b, self.w_scale, 0, self.n_out)
         ya = F.conv2d(a, wa, None, self.stride, self.padding, self.dilation, self.groups)
         yb = F.conv2d(b, wb, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return ya + yb
@@ -175,6 +177,7 @@ class ExportLinear(nn.Module):
         self.qname = name
         self.register_buffer("w_int_t", layer.weight_int().to(torch.int8).t().contiguous())
         self.register_buffer("w_scale", layer.weight_scale().to(torch.float32).contiguous())
+        self.n_out = int(self.w_scale.numel())  # a Python int, so the ONNX symbolic sees a constant
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
         self.int4 = int4
         self.aq = None if int4 else _act(layer)
@@ -183,7 +186,7 @@ class ExportLinear(nn.Module):
     def forward(self, x):
         if self.aq is not None:
             x = self.aq(x)
-        w = _DQWeight.apply(self.w_int_t, self.w_scale, 1, self.w_scale.numel())
+        w = _DQWeight.apply(self.w_int_t, self.w_scale, 1, self.n_out)
         y = torch.matmul(x, w)
         return y + self.bias if self.bias is not None else y
 

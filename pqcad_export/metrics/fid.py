@@ -5,14 +5,19 @@ Two uses in this project:
   * FID-to-FP32:  candidate samples vs the FP32 100-step model's samples generated from the *same* initial noise
                   (sampling.initial_noise with the same seed), as in PCR's QDiffBench. It isolates the damage done
                   by quantization/distillation from the FP model's own distance to the data.
+sFID (Nash et al. 2021) is the same distance on the 2023-d mixed_6/conv spatial features
+(InceptionFeatures.features(..., spatial=True)): more sensitive to spatial structure than pool3.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import scipy.linalg
 
 from ..errors import PqcadError
+from .inception import SPATIAL_DIM
 
 
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
@@ -70,3 +75,16 @@ def fid_from_stats(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.nda
 def fid_from_features(feats_a, feats_b) -> float:
     """FID between two feature sets [N, D] (e.g. candidate vs FP32 samples from the same noise: FID-to-FP32)."""
     return fid_from_stats(feature_stats(feats_a), feature_stats(feats_b))
+
+
+def sfid_from_features(spatial_a, spatial_b, expect_dim: Optional[int] = SPATIAL_DIM) -> float:
+    """sFID: Fréchet distance between two sets of spatial features [N, 2023] (InceptionFeatures spatial=True).
+
+    expect_dim guards against passing pool3 (2048-d) features by mistake; None accepts any width.
+    """
+    for name, f in (("first", spatial_a), ("second", spatial_b)):
+        shape = np.shape(f)
+        if expect_dim is not None and (len(shape) != 2 or shape[1] != expect_dim):
+            raise PqcadError(f"sFID needs spatial features [N, {expect_dim}], {name} set has shape {shape} "
+                             f"(pool3 features? use features(..., spatial=True))")
+    return fid_from_features(spatial_a, spatial_b)

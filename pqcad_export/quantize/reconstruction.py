@@ -80,7 +80,7 @@ class ReconConfig:
             cfg = cls()
         elif name == "quick":
             # Sized so the built-in 2.2M-param teacher finishes W4A8 in a few minutes on 2 CPU cores.
-            cfg = cls(iters=160, act_iters=40, batch_size=8, w_lr=4e-3, a_lr=1e-3, fisher=False,
+            cfg = cls(iters=160, act_iters=40, batch_size=8, w_lr=5e-2, a_lr=1e-3, fisher=False,
                       capture_batch_size=32, max_calib=128, pq=PQConfig(window=20, force_fraction=0.5))
         else:
             raise UsageError(f"unknown preset '{name}': expected quick or paper")

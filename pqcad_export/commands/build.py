@@ -1,0 +1,54 @@
+"""`pqcad-export build`: the whole chain into one resumable run directory, ending with a summary table."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import MODEL_HELP, friendly, main
+
+
+@main.command()
+@click.option("--bits", required=True, help="weight/activation bits: w8a8, w4a8, w4a16 or w8a16")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--out", default=None, type=click.Path(), help="run directory (default: runs/<bits>)")
+@click.option("--preset", default=None, type=click.Choice(["quick", "paper"]),
+              help="quick (default on CPU): minutes on 2 cores; paper: the paper's hyper-parameters "
+                   "(default with --device cuda)")
+@click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink"]),
+              help="weight quantization: Progressive Quantization, plain kappa-bit, or bit-shrinking")
+@click.option("--calib-strategy", default="uniform", show_default=True,
+              help="C_QC selection: uniform | ndtc | tdac (see `calibrate --help`)")
+@click.option("--calib-loss", default="em", show_default=True,
+              type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]), help="CAD calibration loss")
+@click.option("--lambda", "lam", default=None, type=float, help="CAD calibration-loss weight (Eq. 8)")
+@click.option("--teacher-steps", default=100, show_default=True, help="DDIM steps of the FP / quantized teacher")
+@click.option("--student-steps", default=50, show_default=True, help="DDIM steps of the CAD student (= half)")
+@click.option("--backend", default="auto", show_default=True,
+              help="engine: auto (TensorRT with a GPU, else ONNX Runtime) | tensorrt | onnxruntime")
+@click.option("--device", default="cpu", show_default=True, help="torch device for calibration/PQ/CAD: cpu | cuda")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--samples", default=None, type=int, help="compare: images per model (quick 100, paper 10000)")
+@click.option("--include-torch-student", is_flag=True, help="compare: also the PyTorch fake-quant student")
+@click.option("--no-fid", is_flag=True, help="compare: latency only (no Inception features)")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="skip finished stages and resume interrupted ones from their checkpoints")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@friendly
+def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, teacher_steps, student_steps, backend,
+          device, seed, samples, include_torch_student, no_fid, resume, quiet):
+    """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
+
+    Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
+    Rerunning the same command skips finished stages; an interrupted stage resumes from its checkpoint.
+    """
+    from ..bits import parse_bits
+    from ..pipeline.build import BuildConfig, run_build
+    from ..pipeline.summary import print_summary
+
+    spec = parse_bits(bits)  # fail on a bad --bits before anything is created
+    cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
+                      preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
+                      calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
+                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples,
+                      include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet)
+    print_summary(run_build(cfg))

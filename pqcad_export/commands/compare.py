@@ -1,0 +1,79 @@
+"""`pqcad-export compare`: engine latency and FID against the FP32 100-step model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import friendly, main
+
+
+@main.command()
+@click.option("--run", "run_dir", default=None, type=click.Path(), help="a build run directory")
+@click.option("--engine", "engine_dir", default=None, type=click.Path(), help="an engine directory (engine --out)")
+@click.option("--model", default=None, help="with --engine: the FP teacher the engine was made from "
+              "(default: the built-in teacher)")
+@click.option("--steps", default=50, show_default=True, help="with --engine: DDIM steps the engine samples with")
+@click.option("--samples", default=None, type=int, help="images per model for FID-to-FP32 (quick 100)")
+@click.option("--batch-size", default=None, type=int, help="sampling and latency batch (quick 25)")
+@click.option("--teacher-steps", default=100, show_default=True)
+@click.option("--out", default=None, type=click.Path(), help="report directory (default: RUN/report or ./report)")
+@click.option("--include-torch-student", is_flag=True, help="with --run: also the PyTorch fake-quant student")
+@click.option("--ref-stats", default=None, type=click.Path(), help=".npz (mu, sigma) of the dataset for FID")
+@click.option("--fid-weights", default=None, type=click.Path(), help="TF-Inception default_1.pt")
+@click.option("--no-fid", is_flag=True, help="latency only")
+@click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@friendly
+def compare(run_dir, engine_dir, model, steps, samples, batch_size, teacher_steps, out, include_torch_student,
+            ref_stats, fid_weights, no_fid, preset, device, seed, quiet):
+    """Measure unet_ms_per_call, ms_per_image, FID and FID-to-FP32 of a run's engine (or ENGINE + MODEL) against
+    the FP32 teacher with 100 DDIM steps; writes compare.json, compare.png and samples.png."""
+    import json
+
+    import torch
+
+    from ..errors import PqcadError, UsageError
+    from ..model_io import load_model
+    from ..pipeline.build import run_candidates
+    from ..pipeline.compare import Candidate, CompareConfig, run_compare
+    from ..pipeline.summary import print_summary
+
+    if bool(run_dir) == bool(engine_dir):
+        raise UsageError("give either --run DIR or --engine DIR (with --model DIR)")
+    cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, teacher_steps=teacher_steps,
+                               device=device, seed=seed, ref_stats=ref_stats, fid_weights=fid_weights, no_fid=no_fid)
+    if run_dir:
+        rj = Path(run_dir) / "run.json"
+        if not rj.is_file():
+            raise PqcadError(f"not a run directory (no run.json): {run_dir}")
+        state = json.loads(rj.read_text())
+        teacher = load_model(model or state["config"].get("model"), device)
+        if state.get("model_fingerprint") not in (None, teacher.fingerprint):
+            raise PqcadError(f"run {run_dir} was made by a different model than {teacher.path}")
+        from ..bits import parse_bits
+
+        cands = run_candidates(Path(run_dir), teacher, parse_bits(state["config"]["bits"]), include_torch_student,
+                               torch.device(device))
+        out = out or str(Path(run_dir) / "report")
+    else:
+        from engines import EngineError, load_engine
+
+        teacher = load_model(model, device)
+        try:
+            eng = load_engine(engine_dir)
+        except EngineError as exc:
+            raise PqcadError(str(exc)) from None
+        if eng.sample_shape and tuple(eng.sample_shape) != tuple(teacher.sample_shape):
+            raise PqcadError(f"engine {engine_dir} takes {tuple(eng.sample_shape)} inputs, model {teacher.path} "
+                             f"samples {teacher.sample_shape}: mismatched engine")
+        size = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if f.is_file() and f.name != "engine.json")
+        cands = [Candidate(name=f"{eng.backend}-engine", backend=eng.backend, precision="see engine.json",
+                           steps=steps, unet=eng, model_bytes=size, scheduler_config=teacher.scheduler_config,
+                           executed_on=eng.device.type, notes=list(eng.info.notes))]
+        out = out or "report"
+    rep = run_compare(teacher, cands, out, cfg, quiet=quiet)
+    print_summary({"run": run_dir or engine_dir, "stages": [], "compare": rep, "report_dir": out})

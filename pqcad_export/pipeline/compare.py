@@ -1,0 +1,309 @@
+"""`compare`: latency and quality of candidates (engines, optionally the PyTorch fake-quant student) against the
+FP32 teacher sampled with 100 DDIM steps in PyTorch. Writes report/compare.json (ARCHITECTURE.md's contract),
+compare.png and samples.png. A number that cannot be measured is null with a note, never invented.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..errors import PqcadError
+from ..model_io import LoadedModel
+from ..sampling import SamplerConfig, TorchUNet, UNetFn, ddim_sample, to_uint8
+from .run_dir import atomic_write_json
+
+
+@dataclass
+class CompareConfig:
+    samples: int = 100            # images per model for FID-to-FP32 (same initial noise for every model)
+    seed: int = 0
+    batch_size: int = 25          # sampling batch; also the batch of the per-call latency measurement
+    latency_iters: int = 10       # timed UNet calls (median reported) after `warmup`
+    warmup: int = 3
+    teacher_steps: int = 100
+    eta: float = 0.0
+    device: str = "cpu"
+    ref_stats: Optional[str] = None      # .npz with mu/sigma of the dataset (else looked up in the FID cache)
+    fid_weights: Optional[str] = None    # TF-Inception default_1.pt (else $PQCAD_FID_WEIGHTS / installed package)
+    no_fid: bool = False                 # skip all Inception work (latency only)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "CompareConfig":
+        base = {"quick": {}, "paper": {"samples": 10000, "batch_size": 250}}
+        if name not in base:
+            raise PqcadError(f"unknown preset {name!r} (quick or paper)")
+        kw = {**base[name], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**kw)
+
+
+@dataclass
+class Candidate:
+    """Something that produces eps like the teacher: an engine or a PyTorch module."""
+
+    name: str
+    backend: str
+    precision: str
+    steps: int
+    unet: UNetFn
+    model_bytes: Optional[int]
+    scheduler_config: dict[str, Any]
+    executed_on: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def time_unet(fn: UNetFn, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], warmup: int,
+              iters: int) -> float:
+    """Median ms per UNet call (CUDA events on GPU, perf_counter on CPU)."""
+    cuda = x.device.type == "cuda"
+    out = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(x, t, cond)
+        for _ in range(iters):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn(x, t, cond)
+                b.record()
+                b.synchronize()
+                out.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn(x, t, cond)
+                out.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(out))
+
+
+def _entry(name: str, backend: str, precision: str, steps: int, unet_ms: Optional[float],
+           ms_img: Optional[float], model_bytes: Optional[int]) -> dict[str, Any]:
+    return {"name": name, "backend": backend, "precision": precision, "steps": steps,
+            "unet_ms_per_call": None if unet_ms is None else round(unet_ms, 4),
+            "ms_per_image": None if ms_img is None else round(ms_img, 4),
+            "fid": None, "fid_to_fp32": None, "model_bytes": model_bytes}
+
+
+class _Bar:
+    """A rich progress bar naming the stage, or nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.prog = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            self.prog = Progress(TextColumn("compare: {task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+            self.prog.start()
+        return self
+
+    def task(self, desc: str, total: int) -> Callable[[int], None]:
+        if self.prog is None:
+            return lambda k: None
+        tid = self.prog.add_task(desc, total=total)
+        return lambda k: self.prog.advance(tid, k)
+
+    def __exit__(self, *exc):
+        if self.prog is not None:
+            self.prog.stop()
+
+
+def _load_ref_stats(cfg: CompareConfig, extractor, notes: list[str]):
+    """Dataset statistics for FID-vs-data: an explicit file, else the cache (never computed here: 60k images)."""
+    from ..metrics.reference import content_key, default_cache_dir
+
+    if cfg.ref_stats:
+        p = Path(cfg.ref_stats)
+        if not p.is_file():
+            raise PqcadError(f"--ref-stats file not found: {p}")
+        d = np.load(p)
+        return d["mu"], d["sigma"]
+    try:
+        from ..data import load_images
+
+        imgs = load_images(None, size=32, channels=1)
+        path = default_cache_dir() / f"ref-{content_key(imgs, extractor.id)[:32]}.npz"
+    except PqcadError as exc:
+        notes.append(f"fid: no reference dataset ({exc})")
+        return None
+    if path.is_file():
+        d = np.load(path)
+        return d["mu"], d["sigma"]
+    notes.append("fid: reference statistics of the Fashion-MNIST training set are not cached for this feature "
+                 f"extractor ({extractor.id}); computing them takes hours on a CPU: run tools/teacher_fid.py once "
+                 "(GPU) or pass --ref-stats FILE.npz")
+    return None
+
+
+def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str | Path, cfg: CompareConfig,
+                quiet: bool = False) -> dict[str, Any]:
+    """Measure everything and write compare.json / compare.png / samples.png into out_dir."""
+    out_dir = Path(out_dir)
+    device = torch.device(cfg.device)
+    notes: list[str] = []
+    shape = teacher.sample_shape
+    b = min(cfg.batch_size, cfg.samples)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x_lat = torch.randn((b, *shape), generator=g).to(device)
+    t_lat = torch.full((b,), 500, dtype=torch.long, device=device)
+    teacher_fn = TorchUNet(teacher.unet.to(device))
+    scfg = SamplerConfig(steps=cfg.teacher_steps, eta=cfg.eta, batch_size=b, seed=cfg.seed)
+    images: dict[str, torch.Tensor] = {}
+    with _Bar(quiet) as bar:
+        ref_ms = time_unet(teacher_fn, x_lat, t_lat, None, cfg.warmup, cfg.latency_iters)
+        t0 = time.perf_counter()
+        ref_imgs = ddim_sample(teacher_fn, teacher.scheduler_config, shape, cfg.samples, scfg, device,
+                               progress=bar.task(f"FP32 teacher, {cfg.teacher_steps} steps", cfg.samples))
+        ref_ms_img = (time.perf_counter() - t0) * 1e3 / cfg.samples
+        images["reference"] = to_uint8(ref_imgs)
+        ref_bytes = _teacher_bytes(teacher)
+        reference = _entry("fp32-teacher", "pytorch", "fp32", cfg.teacher_steps, ref_ms, ref_ms_img, ref_bytes)
+        cand_entries = []
+        for c in candidates:
+            cdev = device if c.executed_on != "cpu" else torch.device("cpu")
+            try:
+                ms = time_unet(c.unet, x_lat.to(cdev), t_lat.to(cdev), None, cfg.warmup, cfg.latency_iters)
+                t0 = time.perf_counter()
+                imgs = ddim_sample(c.unet, c.scheduler_config, shape, cfg.samples,
+                                   SamplerConfig(steps=c.steps, eta=cfg.eta, batch_size=b, seed=cfg.seed), cdev,
+                                   progress=bar.task(f"{c.name}, {c.steps} steps", cfg.samples))
+                ms_img = (time.perf_counter() - t0) * 1e3 / cfg.samples
+            except PqcadError:
+                raise
+            except Exception as exc:  # an engine that fails to run is reported, not hidden
+                raise PqcadError(f"candidate {c.name} ({c.backend}) failed to run: {exc}") from None
+            if not torch.isfinite(imgs).all():
+                raise PqcadError(f"candidate {c.name} produced non-finite images")
+            images[c.name] = to_uint8(imgs)
+            e = _entry(c.name, c.backend, c.precision, c.steps, ms, ms_img, c.model_bytes)
+            e["speedup_vs_reference"] = round(ref_ms_img / ms_img, 3) if ms_img else None
+            e["unet_speedup_vs_reference"] = round(ref_ms / ms, 3) if ms else None
+            e["status"] = "executed"
+            e.update(c.extra)
+            e["notes"] = list(c.notes)
+            cand_entries.append(e)
+        fid_features = None
+        if cfg.no_fid:
+            notes.append("fid, fid_to_fp32: skipped (--no-fid)")
+        else:
+            fid_features = _score(cfg, images, reference, cand_entries, notes, bar)
+    report = {
+        "reference": reference, "candidates": cand_entries, "samples": cfg.samples,
+        "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
+        "batch_size": b, "latency": f"median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
+        f"calls at batch {b}; ms_per_image = wall time of sampling {cfg.samples} images / {cfg.samples}",
+        "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "compare.json", report)
+    _plot(report, out_dir / "compare.png")
+    _samples_png(images, out_dir / "samples.png")
+    return report
+
+
+def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:
+    for base in (teacher.path, teacher.path / "unet"):
+        f = base / "diffusion_pytorch_model.safetensors"
+        if f.is_file():
+            return f.stat().st_size
+    return None
+
+
+def _score(cfg: CompareConfig, images: dict[str, torch.Tensor], reference: dict, cands: list[dict],
+           notes: list[str], bar: _Bar) -> Optional[str]:
+    from ..metrics import InceptionFeatures, feature_stats, fid_from_stats
+
+    try:
+        ext = InceptionFeatures(cfg.fid_weights, device=cfg.device)
+    except PqcadError as exc:
+        notes.append(f"fid, fid_to_fp32: no feature extractor ({exc})")
+        return None
+    feats = {}
+    for name, imgs in images.items():
+        adv = bar.task(f"Inception features ({name})", imgs.shape[0])
+        feats[name] = ext.features(imgs, progress=False)
+        adv(imgs.shape[0])
+    ref_stats = _load_ref_stats(cfg, ext, notes)
+    stats = {k: feature_stats(v) for k, v in feats.items()}
+    if cfg.samples < 2048:
+        notes.append(f"fid/fid_to_fp32 use {cfg.samples} samples per model (< 2048 feature dims): the values are "
+                     "biased upwards and only comparable between entries of this report")
+    if ref_stats is not None:
+        reference["fid"] = round(fid_from_stats(stats["reference"], ref_stats), 4)
+    reference["fid_to_fp32"] = 0.0
+    for e in cands:
+        e["fid_to_fp32"] = round(fid_from_stats(stats[e["name"]], stats["reference"]), 4)
+        if ref_stats is not None:
+            e["fid"] = round(fid_from_stats(stats[e["name"]], ref_stats), 4)
+    return ext.id
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [report["reference"], *report["candidates"]]
+    names = [f"{r['name']}\n{r['steps']} steps" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(names, [r["ms_per_image"] or 0 for r in rows], color="#4c72b0")
+    axes[0].set_ylabel("ms per image")
+    axes[0].set_title(f"latency ({report['device'][:40]})", fontsize=9)
+    vals = [r["fid_to_fp32"] if r["fid_to_fp32"] is not None else 0 for r in rows]
+    axes[1].bar(names, vals, color="#dd8452")
+    axes[1].set_ylabel("FID to FP32 100-step")
+    axes[1].set_title(f"quality ({report['samples']} samples)", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _samples_png(images: dict[str, torch.Tensor], path: Path, n: int = 16) -> None:
+    """One row per model, same initial noise in each column: FP32 100-step first."""
+    from PIL import Image, ImageDraw
+
+    rows = list(images.items())
+    n = min(n, rows[0][1].shape[0])
+    c, h, w = rows[0][1].shape[1:]
+    label_w, pad = 130, 2
+    canvas = Image.new("L", (label_w + n * (w + pad), len(rows) * (h + pad)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, imgs) in enumerate(rows):
+        y = r * (h + pad)
+        draw.text((4, y + h // 2 - 5), "FP32 100-step" if name == "reference" else name[:20], fill=0)
+        for i in range(n):
+            arr = imgs[i].numpy()
+            tile = Image.fromarray(arr[0] if c == 1 else arr.mean(0).astype(np.uint8))
+            canvas.paste(tile, (label_w + i * (w + pad), y))
+    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)

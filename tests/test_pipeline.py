@@ -1,0 +1,160 @@
+"""End to end `build` on a tiny UNet, resume after a kill during quantization, and the bad-input cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pqcad_export.cli import main
+from pqcad_export.pipeline.build import BuildConfig, run_build
+
+REQUIRED = ("name", "backend", "precision", "steps", "unet_ms_per_call", "ms_per_image", "fid", "fid_to_fp32",
+            "model_bytes")
+
+# Tiny everything: 10 teacher steps -> 5 student steps, a few iterations per stage.
+TINY = {
+    "calib": {"n_per_step": 4, "every_k": 2, "batch_size": 4, "dc_trajectories": 2, "shard_size": 8},
+    "quant": {"iters": 6, "act_iters": 2, "batch_size": 4, "max_calib": 16, "capture_batch_size": 8},
+    "student": {"iters": 4, "batch_size": 2, "n_train_images": 4, "eval_images": 2, "eval_steps": 2,
+                "gap_samples": 2, "checkpoint_every": 2, "cdc_batch": 2, "log_every": 2},
+}
+
+
+def tiny_cfg(model_dir, out, **kw) -> BuildConfig:
+    base = dict(bits="w4a8", model=str(model_dir), out=str(out), teacher_steps=10, student_steps=5,
+                backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_attn_unet_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "w4a8"
+    summary = run_build(tiny_cfg(tiny_attn_unet_dir, out))
+    return out, summary
+
+
+def test_build_end_to_end_artifacts(built):
+    out, summary = built
+    for rel in ("run.json", "calib/c_qc/manifest.json", "calib/c_dc/manifest.json", "quant/quant.json",
+                "student/quant.json", "export/unet.onnx", "export/lint.json", "export/parity.json",
+                "engine/engine.json", "report/compare.json", "report/compare.png", "report/samples.png"):
+        assert (out / rel).exists(), rel
+    run = json.loads((out / "run.json").read_text())
+    assert all(run["stages"][s]["status"] == "done" for s in ("calib", "quant", "student", "export", "engine",
+                                                                "report"))
+    assert run["model_fingerprint"] and "torch" in run["versions"]
+    student = json.loads((out / "student/quant.json").read_text())
+    assert student["meta"]["steps"] == 5 if "meta" in student else student["steps"] == 5
+
+
+def test_compare_json_contract(built):
+    out, _ = built
+    rep = json.loads((out / "report/compare.json").read_text())
+    for key in ("samples", "device", "fid_features", "seed", "reference", "candidates", "notes"):
+        assert key in rep
+    assert rep["samples"] == 4 and rep["seed"] == 0
+    for k in REQUIRED:
+        assert k in rep["reference"]
+    assert rep["reference"]["steps"] == 10 and rep["reference"]["fid_to_fp32"] == 0.0
+    assert rep["reference"]["unet_ms_per_call"] > 0 and rep["reference"]["ms_per_image"] > 0
+    # FID vs the dataset needs cached reference statistics: null with a note, never invented
+    if rep["reference"]["fid"] is None:
+        assert any(n.startswith("fid") for n in rep["notes"])
+    ort = [c for c in rep["candidates"] if c["backend"] == "onnxruntime"]
+    assert ort, "the ONNX Runtime engine must be a candidate"
+    c = ort[0]
+    for k in (*REQUIRED, "speedup_vs_reference"):
+        assert k in c
+    assert c["status"] == "executed" and c["steps"] == 5
+    assert c["ms_per_image"] > 0 and c["unet_ms_per_call"] > 0 and c["model_bytes"] > 0
+    assert c["fid_to_fp32"] is not None and c["fid_to_fp32"] >= 0
+
+
+def test_rerun_skips_unchanged_stages(built, tiny_attn_unet_dir):
+    out, _ = built
+    before = json.loads((out / "run.json").read_text())["stages"]
+    onnx_mtime = (out / "export/unet.onnx").stat().st_mtime_ns
+    run_build(tiny_cfg(tiny_attn_unet_dir, out))
+    after = json.loads((out / "run.json").read_text())["stages"]
+    assert (out / "export/unet.onnx").stat().st_mtime_ns == onnx_mtime
+    for s in ("calib", "quant", "student", "export", "engine", "report"):
+        assert after[s]["key"] == before[s]["key"] and after[s]["started"] == before[s]["started"]
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pqcad_export.pipeline.build import BuildConfig, run_build
+    cfg = BuildConfig(**json.loads(sys.argv[1]))
+    run_build(cfg)
+""")
+
+
+@pytest.mark.slow
+def test_kill_during_quantization_then_resume(tiny_attn_unet_dir, tmp_path):
+    """SIGKILL the build once two blocks are checkpointed; the rerun keeps them and ends identical."""
+    slow = {**TINY, "quant": {**TINY["quant"], "iters": 150}}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = dict(bits="w4a8", model=str(tiny_attn_unet_dir), out=str(killed), teacher_steps=10, student_steps=5,
+                backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=slow, no_fid=True)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, json.dumps(args)], env={**os.environ},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "quant" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(ckpt.glob("unit_*.safetensors"))) < 2:
+        time.sleep(0.02)
+        assert proc.poll() is None, "build finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in ckpt.glob("unit_*.safetensors")}
+    assert len(done) >= 2 and not (killed / "quant" / "quant.json").exists()
+
+    run_build(BuildConfig(**args))
+    for name, mtime in done.items():  # finished blocks were not recomputed
+        assert (ckpt / name).stat().st_mtime_ns == mtime
+    run_build(BuildConfig(**{**args, "out": str(clean)}))
+    for rel in ("quant/model.safetensors", "student/model.safetensors", "export/unet.onnx"):
+        a, b = killed / rel, clean / rel
+        if a.exists():
+            assert a.read_bytes() == b.read_bytes(), rel
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["build", "--bits", "w3x8"], "unsupported --bits"),
+    (["build", "--bits", "w4a8", "--backend", "cuda-magic"], "unknown backend"),
+    (["build", "--bits", "w4a8", "--model", "/nonexistent/model"], "does not exist"),
+])
+def test_bad_input_one_line(argv, msg, tmp_path):
+    res = CliRunner().invoke(main, [*argv, "--out", str(tmp_path / "r")])
+    assert res.exit_code in (1, 2)
+    assert msg in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_tensorrt_requested_but_absent(tmp_path):
+    pytest.importorskip("pqcad_export")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here; the absent-TensorRT error cannot be exercised")
+    except ImportError:
+        pass
+    res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--backend", "tensorrt", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "tensorrt" in res.output.lower() and "Traceback" not in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_of_a_different_model(built, tiny_unet_dir):
+    out, _ = built
+    res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--model", str(tiny_unet_dir), "--out", str(out)])
+    assert res.exit_code == 1 and "different model" in res.output
+    assert (out / "report/compare.json").exists()  # nothing lost
