@@ -138,6 +138,10 @@ def collect_cqc(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
     For each step t the strategy's n_t inputs are taken from distinct trajectories (chosen with `cfg.seed`).
     """
     cfg.validate()
+    if cfg.strategy == "pcr":  # progressive: quantizes between stages (calibration/pcr.py)
+        from .pcr import collect_pcr
+
+        return collect_pcr(model, cfg, out_dir, device, cond, quiet)
     strat = get_strategy(cfg)
     T = cfg.steps
     counts = strat.counts(T)

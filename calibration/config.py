@@ -33,6 +33,12 @@ class CalibConfig:
     cond_tokens: int = 8                  # conditional UNets without a text encoder: random N(0,1) tokens
     shard_size: int = 1024                # rows per safetensors shard (~12 MB for 3x32x32)
     seed: int = 0
+    # -- PCR progressive calibration (calibration/pcr.py, arXiv 2311.06322); only used by strategy "pcr" ----
+    pcr_bits: Optional[str] = None        # wKaA of the model quantized between stages (required for pcr)
+    pcr_stages: int = 4                   # K contiguous stages from x_T to x_0 (the paper's per-step: K = T)
+    pcr_method: str = "pq"                # quantize_model method between stages
+    pcr_preset: str = "quick"             # ReconConfig preset between stages
+    pcr_recon: Optional[dict] = None      # ReconConfig overrides between stages
     # -- C_DC (paper Alg. 1 lines 8-9) ---------------------------------------------------------------------
     with_dc: bool = True
     dc_size: Optional[int] = None         # None = one per student step (T/2 = 50 for T=100), as in Alg. 1
@@ -50,7 +56,7 @@ class CalibConfig:
         if name == "paper":
             cfg = cls()
         elif name == "quick":
-            cfg = cls(n_per_step=16, every_k=5, batch_size=16, shard_size=256, dc_trajectories=4)
+            cfg = cls(n_per_step=16, every_k=5, batch_size=16, shard_size=256, dc_trajectories=4, pcr_stages=2)
         else:
             raise UsageError(f"unknown preset '{name}': expected quick or paper")
         return cfg.with_overrides(**overrides)
@@ -88,17 +94,26 @@ class CalibConfig:
         need(self.dc_stride >= 1, "dc_stride must be >= 1")
         need(self.dc_size is None or self.dc_size >= 1, f"--dc-size must be >= 1, got {self.dc_size}")
         need(self.dc_trajectories >= 1, f"--dc-trajectories must be >= 1, got {self.dc_trajectories}")
+        if self.strategy == "pcr":
+            need(1 <= self.pcr_stages <= self.steps,
+                 f"--pcr-stages must be in [1, {self.steps}], got {self.pcr_stages}")
+            need(self.pcr_preset in ("quick", "paper"), f"unknown pcr preset '{self.pcr_preset}'")
 
     @property
     def uniform_budget(self) -> int:
         return self.n_per_step * len(range(0, self.steps, self.every_k))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._drop_unused_pcr(asdict(self))
+
+    def _drop_unused_pcr(self, d: dict[str, Any]) -> dict[str, Any]:
+        """pcr_* fields only matter for strategy pcr (keeps other strategies' resume keys unchanged)."""
+        return d if self.strategy == "pcr" else {k: v for k, v in d.items() if not k.startswith("pcr_")}
 
     def cqc_dict(self) -> dict[str, Any]:
         """The fields that determine C_QC (what a resumed build compares)."""
-        return {k: v for k, v in asdict(self).items() if not k.startswith("dc_") and k != "with_dc"}
+        return self._drop_unused_pcr({k: v for k, v in asdict(self).items()
+                                      if not k.startswith("dc_") and k != "with_dc"})
 
     def cdc_dict(self) -> dict[str, Any]:
         """The fields that determine C_DC."""

@@ -6,8 +6,6 @@ Never imports pqcad_export.cli; the pipeline and the `engine` command compose th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 from .base import Engine, LatencyStats
 from .manifest import EngineInfo, read_manifest
 

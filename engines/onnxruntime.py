@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -118,10 +118,6 @@ def kernel_summary(model: str | Path | onnx.ModelProto | bytes, cfg: Optional[Or
 
 
 # ----------------------------------------------------------------------------------------------- graph rewrite
-def _const(graph_consts: dict, name: str) -> Optional[np.ndarray]:
-    return graph_consts.get(name)
-
-
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
@@ -307,13 +303,11 @@ def to_cpu_int8(model: onnx.ModelProto, cfg: Optional[OrtConfig] = None,
                           onnx.helper.make_node("DequantizeLinear", [q_out, f"{tag}_s", f"{tag}_zp"], [dq_out],
                                                 name=f"{tag}_DQ")]
         # insert each Q/DQ pair right after its Conv to keep the node list topologically sorted
-        pos = {id(c): k for k, c in enumerate(convs)}
+        pairs = {new_nodes[2 * j].input[0]: new_nodes[2 * j: 2 * j + 2] for j in range(len(new_nodes) // 2)}
         ordered = []
-        pairs = {convs[k].output[0]: new_nodes[2 * j: 2 * j + 2] for j, k in enumerate(
-            [k for k, c in enumerate(convs) if c.output[0] not in graph_outputs])}
         for n in m.graph.node:
             ordered.append(n)
-            if id(n) in pos and n.output[0] in pairs:
+            if n.op_type == "Conv" and n.output[0] in pairs:
                 ordered.extend(pairs[n.output[0]])
         del m.graph.node[:]
         m.graph.node.extend(ordered)
@@ -361,9 +355,10 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
                      "for x86 CPU kernels)")
     if cfg.mode == "int8":
         model, stats = to_cpu_int8(src, cfg, calib_feeds)
+        source = (f"{len(next(iter(calib_feeds.values())))} calibration inputs" if calib_feeds
+                  else f"{cfg.calib_samples} N(0,1) samples")
         log.append(f"cpu int8 copy: {stats['u8_activation_qdq']} activation Q/DQ as u8 zp128, "
-                   f"{stats['requantized_conv_outputs']} Conv outputs requantized (calibrated on "
-                   f"{cfg.calib_samples} N(0,1) samples)")
+                   f"{stats['requantized_conv_outputs']} Conv outputs requantized (calibrated on {source})")
     else:
         model = src
     if model.ByteSize() > (1 << 30):  # protobuf's 2 GiB limit

@@ -115,17 +115,21 @@ def test_kill_during_quantization_then_resume(tiny_attn_unet_dir, tmp_path):
         assert proc.poll() is None, "build finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in ckpt.glob("unit_*.safetensors")}
-    assert len(done) >= 2 and not (killed / "quant" / "quant.json").exists()
+    finished = json.loads((ckpt / "progress.json").read_text())["done"]
+    assert len(finished) >= 1 and not (killed / "quant" / "quant.json").exists()
+    files = sorted(ckpt.glob("unit_*.safetensors"))[:len(finished)]  # blocks recorded as finished
+    done = {p.name: p.stat().st_mtime_ns for p in files}
 
     run_build(BuildConfig(**args))
     for name, mtime in done.items():  # finished blocks were not recomputed
-        assert (ckpt / name).stat().st_mtime_ns == mtime
+        assert (ckpt / name).stat().st_mtime_ns == mtime, name
     run_build(BuildConfig(**{**args, "out": str(clean)}))
-    for rel in ("quant/model.safetensors", "student/model.safetensors", "export/unet.onnx"):
-        a, b = killed / rel, clean / rel
-        if a.exists():
-            assert a.read_bytes() == b.read_bytes(), rel
+    for rel in ("quant/quantized.safetensors", "student/quantized.safetensors"):
+        assert (killed / rel).read_bytes() == (clean / rel).read_bytes(), rel
+    import onnx
+
+    ga, gb = (onnx.load(str(d / "export/unet.onnx")).graph for d in (killed, clean))
+    assert ga.SerializeToString() == gb.SerializeToString()  # metadata (source paths) may differ, the graph not
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -74,7 +74,7 @@ def test_adaround_soft_init_reproduces_weights_and_hard_is_on_grid():
     inside = (w / d).abs() < 7  # weights the clipping does not touch
     assert torch.allclose(q(w)[inside], w[inside], atol=1e-3 * float(d.max()))
     h = rectified_sigmoid(q.alpha)
-    assert float(q.round_loss(2.0).detach()) == pytest.approx(float((1 - (2 * h - 1).abs() ** 2).sum()), rel=1e-6)
+    assert float(q.round_loss(2.0).detach()) == pytest.approx(float((1 - (2 * h.detach() - 1).abs() ** 2).sum()), rel=1e-6)
     q.mode = "hard"
     hard = q(w) / d
     assert torch.equal(hard, hard.round()) and hard.min() >= -8 and hard.max() <= 7
@@ -96,9 +96,10 @@ def test_lsq_forward_range_and_gradient_scale():
     assert (y / s).min() >= -128 and (y / s).max() <= 127
     # LSQ: the step gradient is multiplied by g = 1/sqrt(numel * Qp)
     q.scale.grad = None
+    q.scale.data.fill_(0.1)  # clips the tails
     (q(x) * r).sum().backward()
     g_lsq = q.scale.grad.clone()
-    xs = x / s
+    xs = x / 0.1
     dq = torch.where(xs < -128, torch.tensor(-128.0), torch.where(xs > 127, torch.tensor(127.0),
                      xs.round() - xs))
     assert (xs.abs() > 127).any() and float(g_lsq) == pytest.approx(float((dq * r).sum()) / (101 * 127) ** 0.5, rel=1e-4)
@@ -222,7 +223,8 @@ def test_attention_processor_exact_when_disabled_and_quantizes_when_enabled():
             q.init_from_data()
         proc.set_act_quant(True)
         y = attn(x)
-    ref = attn_fp(x)
+    with torch.no_grad():
+        ref = attn_fp(x)
     assert not torch.equal(y, ref) and torch.allclose(y, ref, atol=0.1 * float(ref.abs().max()))
     assert len(proc.act_scales()) == 4 and proc.act_quant_enabled
 

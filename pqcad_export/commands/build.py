@@ -17,7 +17,7 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink"]),
               help="weight quantization: Progressive Quantization, plain kappa-bit, or bit-shrinking")
 @click.option("--calib-strategy", default="uniform", show_default=True,
-              help="C_QC selection: uniform | ndtc | tdac (see `calibrate --help`)")
+              help="C_QC selection: uniform | ndtc | tdac | pcr (see `calibrate --help`)")
 @click.option("--calib-loss", default="em", show_default=True,
               type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]), help="CAD calibration loss")
 @click.option("--lambda", "lam", default=None, type=float, help="CAD calibration-loss weight (Eq. 8)")
@@ -28,14 +28,24 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--device", default="cpu", show_default=True, help="torch device for calibration/PQ/CAD: cpu | cuda")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--samples", default=None, type=int, help="compare: images per model (quick 100, paper 10000)")
+@click.option("--latency-batch", default=None, type=int, help="compare: batch of the latency runs (default 1)")
 @click.option("--include-torch-student", is_flag=True, help="compare: also the PyTorch fake-quant student")
 @click.option("--no-fid", is_flag=True, help="compare: latency only (no Inception features)")
+@click.option("--recon-loss", default="block", show_default=True, type=click.Choice(["block", "fbr"]),
+              help="quant: block (BRECQ) or fbr (EDA-DM: + gamma * layer-wise losses)")
+@click.option("--qdrop", default=None, type=float, help="quant: QDrop probability P during LSQ")
+@click.option("--relax-frac", default=None, type=float,
+              help="compare: also PCR activation relaxing, this fraction (0.05-0.2, PCR: 0.1) of the steps on an "
+                   "engine without activation QDQ")
+@click.option("--relax-where", default="x0", show_default=True, type=click.Choice(["x0", "xT"]),
+              help="relaxed steps nearest x0 (fidelity) or xT (structure)")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="skip finished stages and resume interrupted ones from their checkpoints")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, teacher_steps, student_steps, backend,
-          device, seed, samples, include_torch_student, no_fid, resume, quiet):
+          device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet, recon_loss="block", qdrop=None,
+          relax_frac=None, relax_where="x0"):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
@@ -49,6 +59,7 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, tea
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
                       calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
-                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples,
-                      include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet)
+                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples, latency_batch=latency_batch,
+                      include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
+                      recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where)
     print_summary(run_build(cfg))

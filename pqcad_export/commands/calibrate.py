@@ -6,7 +6,7 @@ import click
 
 from ..cli import MODEL_HELP, PRESETS, friendly, main
 
-STRATEGY_NAMES = ("uniform", "ndtc", "tdac")
+STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 
 
 @main.command()
@@ -14,7 +14,10 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac")
 @click.option("--out", required=True, type=click.Path(), help="output directory (gets c_qc/ and c_dc/ sets)")
 @click.option("--steps", default=100, show_default=True, type=int, help="DDIM steps of the FP trajectories (T)")
 @click.option("--strategy", default="uniform", show_default=True, type=click.Choice(STRATEGY_NAMES),
-              help="how many inputs to keep per step and which (uniform: Q-Diffusion; ndtc: PTQ4DM; tdac: EDA-DM)")
+              help="how many inputs to keep per step and which (uniform: Q-Diffusion; ndtc: PTQ4DM; tdac: EDA-DM; "
+                   "pcr: PCR progressive calibration along the quantized model's trajectory, needs --bits)")
+@click.option("--bits", default=None, help="pcr: wKaA of the model quantized between stages (e.g. w4a8)")
+@click.option("--pcr-stages", type=int, default=None, help="pcr: stages from x_T to x_0 [quick 2, paper 4]")
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--n-per-step", type=int, default=None, help="samples kept per kept step [preset: quick 16, paper 256]")
 @click.option("--every-k", type=int, default=None, help="keep every k-th step (uniform/tdac) [preset: 5]")
@@ -32,7 +35,7 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @friendly
 def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
-              dc_trajectories, batch_size, seed, device, quiet):
+              dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None):
     """Collect time-step-aware calibration inputs (z_t, t[, cond]) into safetensors shards + manifest.json."""
     from pathlib import Path
 
@@ -42,7 +45,14 @@ def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total,
 
     cfg = CalibConfig.preset(preset, steps=steps, strategy=strategy, n_per_step=n_per_step, every_k=every_k,
                              n_total=n_total, n_trajectories=n_trajectories, with_dc=with_dc, dc_size=dc_size,
-                             dc_trajectories=dc_trajectories, batch_size=batch_size, seed=seed)
+                             dc_trajectories=dc_trajectories, batch_size=batch_size, seed=seed,
+                             pcr_stages=pcr_stages, pcr_preset=preset if strategy == "pcr" else None)
+    if strategy == "pcr":
+        from pqcad_export.bits import parse_bits
+
+        if not bits:
+            raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
+        cfg = cfg.with_overrides(pcr_bits=parse_bits(bits).name)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")

@@ -17,6 +17,7 @@ from ..cli import friendly, main
 @click.option("--steps", default=50, show_default=True, help="with --engine: DDIM steps the engine samples with")
 @click.option("--samples", default=None, type=int, help="images per model for FID-to-FP32 (quick 100)")
 @click.option("--batch-size", default=None, type=int, help="sampling and latency batch (quick 25)")
+@click.option("--latency-batch", default=None, type=int, help="batch of the latency runs (default 1)")
 @click.option("--teacher-steps", default=100, show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="report directory (default: RUN/report or ./report)")
 @click.option("--include-torch-student", is_flag=True, help="with --run: also the PyTorch fake-quant student")
@@ -28,7 +29,7 @@ from ..cli import friendly, main
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
 @friendly
-def compare(run_dir, engine_dir, model, steps, samples, batch_size, teacher_steps, out, include_torch_student,
+def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batch, teacher_steps, out, include_torch_student,
             ref_stats, fid_weights, no_fid, preset, device, seed, quiet):
     """Measure unet_ms_per_call, ms_per_image, FID and FID-to-FP32 of a run's engine (or ENGINE + MODEL) against
     the FP32 teacher with 100 DDIM steps; writes compare.json, compare.png and samples.png."""
@@ -44,7 +45,8 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, teacher_step
 
     if bool(run_dir) == bool(engine_dir):
         raise UsageError("give either --run DIR or --engine DIR (with --model DIR)")
-    cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, teacher_steps=teacher_steps,
+    cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, latency_batch=latency_batch,
+                               teacher_steps=teacher_steps,
                                device=device, seed=seed, ref_stats=ref_stats, fid_weights=fid_weights, no_fid=no_fid)
     if run_dir:
         rj = Path(run_dir) / "run.json"

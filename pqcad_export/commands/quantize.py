@@ -17,11 +17,18 @@ from ..cli import MODEL_HELP, PRESETS, friendly, main
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--iters", default=None, type=int, help="override AdaRound iterations per block")
 @click.option("--attn-matmul-quant", is_flag=True, help="also quantize attention q, k, v and softmax output")
+@click.option("--recon-loss", default="block", show_default=True, type=click.Choice(["block", "fbr"]),
+              help="block: BRECQ block-output loss; fbr: + gamma * layer-wise losses (EDA-DM FBR)")
+@click.option("--fbr-gamma", default=None, type=float, help="FBR layer-loss weight [default 0.8, EDA-DM CIFAR-10]")
+@click.option("--qdrop", default=None, type=float, help="QDrop: keep each activation FP with probability P in LSQ")
+@click.option("--compare-direct", is_flag=True,
+              help="also run direct AdaRound at equal iterations and log Delta_Pert (geo-mean improvement)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
-def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, device, seed, quiet):
+def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, recon_loss, fbr_gamma, qdrop,
+             compare_direct, device, seed, quiet):
     """Quantize weights (learned rounding, per-channel) and activations (learned steps) block by block."""
     import shutil
     from pathlib import Path
@@ -44,11 +51,23 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     overrides = {"seed": seed, "progress": not quiet, "attn_matmul_quant": attn_matmul_quant}
     if iters is not None:
         overrides["iters"] = iters
+    overrides["recon_loss"] = recon_loss
+    if fbr_gamma is not None:
+        overrides["fbr_gamma"] = fbr_gamma
+    if qdrop is not None:
+        overrides["qdrop_prob"] = qdrop
     cfg = ReconConfig.preset(preset, **overrides)
     out = Path(out)
     ckpt = out / "checkpoints"
-    qm = quantize_model(loaded, cset.iter_batches(batch_size=64, keys=keys), spec, method, cfg, device,
+    qm = quantize_model(loaded, cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), spec, method, cfg, device,
                         checkpoint_dir=ckpt)
+    if compare_direct and method != "direct":
+        from ..quantize.progressive import delta_pert
+
+        dq = quantize_model(loaded, cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), spec, "direct", cfg, device)
+        qm.log["direct_geomean_pert"] = dq.log["geomean_pert"]
+        qm.log["delta_pert_vs_direct"] = delta_pert(qm.log, dq.log)
+        click.echo(f"Delta_Pert vs direct at equal iterations: {qm.log['delta_pert_vs_direct']:+.2%}")
     save_quantized(qm, out)
     if method in ("pq", "bitshrink"):
         plot_loss_curve(qm.log, out / "quant_curve.png", cfg.curve_unit)

@@ -51,7 +51,7 @@ class CadConfig:
         if name == "paper":
             cfg = cls()
         elif name == "quick":
-            cfg = cls(iters=120, batch_size=4, lr=1e-4, lr_act=1e-4, cdc_batch=8, swd_projections=32,
+            cfg = cls(iters=150, batch_size=4, lr=1e-4, lr_act=1e-4, cdc_batch=8, swd_projections=32,
                       n_train_images=16, eval_images=8, eval_steps=4, gap_samples=4, checkpoint_every=40,
                       log_every=10)
         else:

@@ -39,6 +39,7 @@ class ParityConfig:
 class ParityReport:
     ok: bool
     rel_l2: float                                   # over all samples
+    max_rel_l2: float = float("nan")                # worst single sample
     per_timestep: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples_within_tol: int = 0
     samples_total: int = 0
@@ -175,6 +176,7 @@ def check_parity(onnx_path: str | Path, qmodel, cfg: Optional[ParityConfig] = No
             targs = (x, tt.to(torch.float32)) + ((cond,) if conditional else ())
             worst = (per[k], feeds, targs)
     rep.rel_l2 = _rel(np.concatenate(all_got), np.concatenate(all_ref))
+    rep.max_rel_l2 = max(max(v["per_sample"]) for v in rep.per_timestep.values())
     rep.initializers = check_initializers(onnx_path, unet)
     explained_ok = True
     if worst is not None:

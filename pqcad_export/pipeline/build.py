@@ -38,12 +38,17 @@ class BuildConfig:
     seed: int = 0
     samples: Optional[int] = None            # compare: images per model (None = preset)
     compare_batch: Optional[int] = None
+    latency_batch: Optional[int] = None
     include_torch_student: bool = False
     no_fid: bool = False
     resume: bool = True
     quiet: bool = False
     stop_after: Optional[str] = None         # run stages up to and including this one (debugging, tests)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-stage config overrides (tests)
+    recon_loss: str = "block"                # quant: block | fbr (EDA-DM fine-grained block reconstruction)
+    qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
+    relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
+    relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
 
     def validate(self) -> BitSpec:
         bits = parse_bits(self.bits)
@@ -56,6 +61,10 @@ class BuildConfig:
                              f"({self.teacher_steps} / 2), got {self.student_steps}")
         if self.preset not in ("quick", "paper"):
             raise UsageError(f"unknown preset '{self.preset}': expected quick or paper")
+        if self.relax_frac is not None:
+            from .relax import check_relax
+
+            check_relax(self.relax_frac, self.relax_where)
         return bits
 
 
@@ -105,8 +114,16 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     # 1. calibration: C_QC + C_DC from the FP teacher
     from calibration.config import CalibConfig
 
+    qover = dict(cfg.overrides.get("quant", {}))
+    if cfg.recon_loss != "block":
+        qover.setdefault("recon_loss", cfg.recon_loss)
+    if cfg.qdrop is not None:
+        qover.setdefault("qdrop_prob", cfg.qdrop)
+    pcr = {}
+    if cfg.calib_strategy == "pcr":  # PCR quantizes between stages: same bits, method and settings as stage 2
+        pcr = {"pcr_bits": bits.name, "pcr_method": cfg.method, "pcr_preset": cfg.preset, "pcr_recon": qover}
     ccfg = CalibConfig.preset(cfg.preset, steps=cfg.teacher_steps, strategy=cfg.calib_strategy, seed=cfg.seed,
-                              **cfg.overrides.get("calib", {}))
+                              **{**pcr, **cfg.overrides.get("calib", {})})
     calib_dir = run.path("calib")
 
     def do_calib():
@@ -124,14 +141,15 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     # 2. quantization (PQ by default)
     from ..quantize import ReconConfig, quantize_model, save_quantized
 
-    rcfg = ReconConfig.preset(cfg.preset, **cfg.overrides.get("quant", {}))
+    rcfg = ReconConfig.preset(cfg.preset, **qover)
     quant_dir = run.path("quant")
 
     def do_quant():
         from calibration.storage import open_set
 
         cset = open_set(calib_dir, "c_qc", expect_fingerprint=teacher.fingerprint)
-        batches = cset.iter_batches(batch_size=64, keys=_calib_keys(cset))
+        # shuffled: the quick preset keeps only the first max_calib rows, which must span all steps
+        batches = cset.iter_batches(batch_size=64, shuffle=True, seed=cfg.seed, keys=_calib_keys(cset))
         qm = quantize_model(teacher, batches, bits, cfg.method, rcfg, device,
                             checkpoint_dir=quant_dir / "checkpoints")
         save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps})
@@ -184,7 +202,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         from engines import EngineError, build_engine
 
         try:
-            info = build_engine(onnx_path, engine_dir, cfg.backend)
+            info = build_engine(onnx_path, engine_dir, cfg.backend, calib_feeds=_engine_calib_feeds(calib_dir))
         except EngineError as exc:
             raise PqcadError(str(exc)) from None
         return {"backend": info.backend, "notes": info.notes[:3]}
@@ -196,18 +214,37 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
 
     # 6. compare against the FP32 100-step teacher
     ccmp = CompareConfig.preset(cfg.preset, seed=cfg.seed, device=cfg.device, samples=cfg.samples,
-                                batch_size=cfg.compare_batch, teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
+                                batch_size=cfg.compare_batch, latency_batch=cfg.latency_batch,
+                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
 
     def do_report():
         cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device)
+        if cfg.relax_frac is not None:  # PCR activation relaxing: INT8 engine + a no-activation-QDQ engine
+            from .relax import build_relaxed_engine, relax_candidate
+
+            build_relaxed_engine(run.root, cfg.backend)
+            cands.append(relax_candidate(run.root, cands[0], bits, cfg.relax_frac, cfg.relax_where))
         rep = run_compare(teacher, cands, run.path("report"), ccmp, quiet=cfg.quiet)
         return {"candidates": [{k: c.get(k) for k in ("name", "ms_per_image", "speedup_vs_reference",
                                                        "fid_to_fp32")} for c in rep["candidates"]]}
 
-    stage(6, "report", stage_key("report", keys["engine"], asdict(ccmp), cfg.include_torch_student),
+    relax_key = () if cfg.relax_frac is None else ((cfg.relax_frac, cfg.relax_where),)
+    stage(6, "report", stage_key("report", keys["engine"], asdict(ccmp), cfg.include_torch_student, *relax_key),
           ("report/compare.json",), do_report, f"latency + FID-to-FP32 on {ccmp.samples} samples vs FP32 "
           f"{cfg.teacher_steps}-step")
     return _summary(cfg, run, t_all)
+
+
+def _engine_calib_feeds(calib_dir: Path, n: int = 32) -> dict[str, Any]:
+    """Real C_QC inputs (spread over the steps) for engines that calibrate extra scales (ORT's CPU copy)."""
+    from calibration.storage import open_set
+
+    cset = open_set(calib_dir, "c_qc")
+    rows = next(cset.iter_batches(batch_size=n, shuffle=True, seed=0, keys=_calib_keys(cset)))
+    feeds = {"sample": rows["sample"].float().numpy(), "timestep": rows["timestep"].float().numpy()}
+    if "encoder_hidden_states" in rows:
+        feeds["encoder_hidden_states"] = rows["encoder_hidden_states"].float().numpy()
+    return feeds
 
 
 def _calib_keys(cset) -> list[str]:

@@ -25,8 +25,10 @@ from .run_dir import atomic_write_json
 class CompareConfig:
     samples: int = 100            # images per model for FID-to-FP32 (same initial noise for every model)
     seed: int = 0
-    batch_size: int = 25          # sampling batch; also the batch of the per-call latency measurement
+    batch_size: int = 25          # sampling batch of the FID images (throughput does not matter there)
+    latency_batch: int = 1        # batch of the latency measurements (1 = one image at a time, as on the edge)
     latency_iters: int = 10       # timed UNet calls (median reported) after `warmup`
+    image_runs: int = 10          # timed full DDIM runs at latency_batch (median reported) after one warm-up run
     warmup: int = 3
     teacher_steps: int = 100
     eta: float = 0.0
@@ -37,7 +39,7 @@ class CompareConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CompareConfig":
-        base = {"quick": {}, "paper": {"samples": 10000, "batch_size": 250}}
+        base = {"quick": {}, "paper": {"samples": 10000, "batch_size": 250, "image_runs": 20}}
         if name not in base:
             raise PqcadError(f"unknown preset {name!r} (quick or paper)")
         kw = {**base[name], **{k: v for k, v in overrides.items() if v is not None}}
@@ -94,6 +96,23 @@ def time_unet(fn: UNetFn, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch
                 t0 = time.perf_counter()
                 fn(x, t, cond)
                 out.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(out))
+
+
+def time_sampler(fn: UNetFn, scheduler_config: dict[str, Any], shape: tuple[int, int, int], steps: int,
+                 batch: int, eta: float, device: torch.device, runs: int) -> float:
+    """Median ms per image of complete DDIM sampling runs (all `steps` UNet calls + scheduler) at `batch`."""
+    cfg = SamplerConfig(steps=steps, eta=eta, batch_size=batch, seed=12345)
+    out = []
+    for i in range(runs + 1):  # the first run is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        ddim_sample(fn, scheduler_config, shape, batch, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            out.append((time.perf_counter() - t0) * 1e3 / batch)
     return float(np.median(out))
 
 
@@ -166,31 +185,35 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
     notes: list[str] = []
     shape = teacher.sample_shape
     b = min(cfg.batch_size, cfg.samples)
+    lb = cfg.latency_batch
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    x_lat = torch.randn((b, *shape), generator=g).to(device)
-    t_lat = torch.full((b,), 500, dtype=torch.long, device=device)
+    x_lat = torch.randn((lb, *shape), generator=g).to(device)
+    t_lat = torch.full((lb,), 500, dtype=torch.long, device=device)
     teacher_fn = TorchUNet(teacher.unet.to(device))
-    scfg = SamplerConfig(steps=cfg.teacher_steps, eta=cfg.eta, batch_size=b, seed=cfg.seed)
     images: dict[str, torch.Tensor] = {}
     with _Bar(quiet) as bar:
+        adv = bar.task("latency, FP32 teacher", 1)
         ref_ms = time_unet(teacher_fn, x_lat, t_lat, None, cfg.warmup, cfg.latency_iters)
-        t0 = time.perf_counter()
-        ref_imgs = ddim_sample(teacher_fn, teacher.scheduler_config, shape, cfg.samples, scfg, device,
-                               progress=bar.task(f"FP32 teacher, {cfg.teacher_steps} steps", cfg.samples))
-        ref_ms_img = (time.perf_counter() - t0) * 1e3 / cfg.samples
+        ref_ms_img = time_sampler(teacher_fn, teacher.scheduler_config, shape, cfg.teacher_steps, lb, cfg.eta,
+                                  device, cfg.image_runs)
+        adv(1)
+        ref_imgs = ddim_sample(teacher_fn, teacher.scheduler_config, shape, cfg.samples,
+                               SamplerConfig(steps=cfg.teacher_steps, eta=cfg.eta, batch_size=b, seed=cfg.seed),
+                               device, progress=bar.task(f"FP32 teacher, {cfg.teacher_steps} steps", cfg.samples))
         images["reference"] = to_uint8(ref_imgs)
-        ref_bytes = _teacher_bytes(teacher)
-        reference = _entry("fp32-teacher", "pytorch", "fp32", cfg.teacher_steps, ref_ms, ref_ms_img, ref_bytes)
+        reference = _entry("fp32-teacher", "pytorch", "fp32", cfg.teacher_steps, ref_ms, ref_ms_img,
+                           _teacher_bytes(teacher))
         cand_entries = []
         for c in candidates:
             cdev = device if c.executed_on != "cpu" else torch.device("cpu")
             try:
+                adv = bar.task(f"latency, {c.name}", 1)
                 ms = time_unet(c.unet, x_lat.to(cdev), t_lat.to(cdev), None, cfg.warmup, cfg.latency_iters)
-                t0 = time.perf_counter()
+                ms_img = time_sampler(c.unet, c.scheduler_config, shape, c.steps, lb, cfg.eta, cdev, cfg.image_runs)
+                adv(1)
                 imgs = ddim_sample(c.unet, c.scheduler_config, shape, cfg.samples,
                                    SamplerConfig(steps=c.steps, eta=cfg.eta, batch_size=b, seed=cfg.seed), cdev,
                                    progress=bar.task(f"{c.name}, {c.steps} steps", cfg.samples))
-                ms_img = (time.perf_counter() - t0) * 1e3 / cfg.samples
             except PqcadError:
                 raise
             except Exception as exc:  # an engine that fails to run is reported, not hidden
@@ -213,8 +236,10 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
     report = {
         "reference": reference, "candidates": cand_entries, "samples": cfg.samples,
         "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
-        "batch_size": b, "latency": f"median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
-        f"calls at batch {b}; ms_per_image = wall time of sampling {cfg.samples} images / {cfg.samples}",
+        "batch_size": b, "latency_batch": lb,
+        "latency": f"unet_ms_per_call: median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
+        f"calls at batch {lb}; ms_per_image: median of {cfg.image_runs} timed complete DDIM runs (all steps) at "
+        f"batch {lb} after one warm-up run, divided by {lb}",
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

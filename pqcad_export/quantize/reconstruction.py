@@ -63,6 +63,8 @@ class ReconConfig:
     warmup: float = 0.2         # fraction of a segment without the regulariser before beta annealing starts
     fisher: bool = True         # weight the output MSE by squared gradients (Eq. 5)
     qdrop_prob: float = 0.0     # QDrop: keep each activation in FP with this probability during LSQ
+    recon_loss: str = "block"   # "block" (BRECQ) | "fbr": + fbr_gamma * layer-wise losses (EDA-DM, fbr.py)
+    fbr_gamma: float = 0.8      # EDA-DM's CIFAR-10 DDIM setting (official scripts, --add_loss 0.8)
     act_init: str = "mse"       # "mse" | "percentile"
     attn_matmul_quant: bool = False  # also quantize q, k, v and softmax output of attention
     first_last_bits: Optional[int] = 8
@@ -86,10 +88,21 @@ class ReconConfig:
             raise UsageError(f"unknown preset '{name}': expected quick or paper")
         return replace(cfg, **overrides) if overrides else cfg
 
+    def __post_init__(self) -> None:
+        if self.recon_loss not in ("block", "fbr"):
+            raise UsageError(f"unknown --recon-loss '{self.recon_loss}': expected block or fbr")
+        if not self.fbr_gamma >= 0:
+            raise UsageError(f"--fbr-gamma must be >= 0, got {self.fbr_gamma}")
+        if not 0.0 <= self.qdrop_prob <= 1.0:
+            raise UsageError(f"--qdrop must be in [0, 1], got {self.qdrop_prob}")
+
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("progress", None)
         d.pop("curve_unit", None)
+        if d.get("recon_loss") == "block":  # keep fingerprints of plain block reconstruction unchanged
+            d.pop("recon_loss", None)
+            d.pop("fbr_gamma", None)
         return d
 
 
@@ -98,7 +111,8 @@ class ReconConfig:
 # ---------------------------------------------------------------------------------------------------------------
 def collect_calibration(batches: Iterable[dict], device: torch.device, max_n: Optional[int] = None
                         ) -> dict[str, torch.Tensor]:
-    """Concatenate an iterable of {"sample", "timestep"[, "encoder_hidden_states"]} batches on `device`."""
+    """Concatenate an iterable of {"sample", "timestep"[, "encoder_hidden_states"]} batches on `device`
+    (at most `max_n` rows, evenly spaced over the whole set)."""
     parts: dict[str, list[torch.Tensor]] = {}
     n = 0
     for b in batches:
@@ -117,13 +131,15 @@ def collect_calibration(batches: Iterable[dict], device: torch.device, max_n: Op
         if b.get("encoder_hidden_states") is not None:
             parts.setdefault("encoder_hidden_states", []).append(torch.as_tensor(b["encoder_hidden_states"]).float())
         n += x.shape[0]
-        if max_n is not None and n >= max_n:
-            break
     if n == 0:
         raise PqcadError("no calibration data")
-    out = {k: torch.cat(v)[:max_n].to(device) for k, v in parts.items()}
-    if "encoder_hidden_states" in out and out["encoder_hidden_states"].shape[0] != out["sample"].shape[0]:
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if "encoder_hidden_states" in out and out["encoder_hidden_states"].shape[0] != n:
         raise PqcadError("calibration 'encoder_hidden_states' missing for some batches")
+    if max_n is not None and n > max_n:  # evenly spaced rows: stored sets are often ordered by time step
+        keep = torch.linspace(0, n - 1, max_n).round().long()
+        out = {k: v[keep] for k, v in out.items()}
+    out = {k: v.to(device) for k, v in out.items()}
     return out
 
 
@@ -273,6 +289,7 @@ class UnitContext:
         sync = cfg.pq.sync_every or (1 if device.type == "cpu" else 25)
         self.sync_every = max(1, int(sync))
         self._task = None
+        self._fresh: dict[int, int] = {}  # layers initialised at these bits and not optimised since
 
     # -- data -------------------------------------------------------------------------------------------------
     def run(self, idx) -> torch.Tensor:
@@ -301,8 +318,11 @@ class UnitContext:
 
     # -- weights ----------------------------------------------------------------------------------------------
     def init_weights(self, bits: list[int], mode: str = "soft") -> None:
+        """MSE-search delta and set alpha from the fractional part at `bits` (kept if already so initialised)."""
         for m, b in zip(self.layers, bits):
-            m.wq.init(m.w_fp, bits=b)
+            if not (self._fresh.get(id(m)) == b and m.wq.bits == b and m.wq.alpha is not None):
+                m.wq.init(m.w_fp, bits=b)
+                self._fresh[id(m)] = b
             m.wq.mode = mode
 
     @torch.no_grad()
@@ -313,6 +333,7 @@ class UnitContext:
             w_soft = m.wq.integers(m.w_fp, "soft") * d
             m.w_fp.copy_(w_soft)
             m.wq.init(w_soft, bits=b)
+            self._fresh[id(m)] = b
             m.wq.mode = "soft"
         self.events.append({"iteration": self.iteration, "bits": bits, "reason": reason})
 
@@ -326,6 +347,7 @@ class UnitContext:
         if iters <= 0 or not self.layers:
             return 0
         params = [m.wq.alpha for m in self.layers]
+        self._fresh.clear()
         opt = torch.optim.Adam(params, lr=cfg.w_lr)
         buf = torch.zeros(iters, device=self.device)
         warm = int(cfg.warmup * iters)
@@ -534,7 +556,7 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     qmodel = copy.deepcopy(fp)
     wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant)
     qmodel.requires_grad_(False)
-    units = find_units(qmodel, _calib_batch(calib, slice(0, 2)))
+    units = find_units(fp, _calib_batch(calib, slice(0, 2)))  # same module names; FP avoids lazy inits
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     key = {"bits": bits.name, "method": method, "cfg": cfg.fingerprint(), "model": loaded.fingerprint,
@@ -602,7 +624,12 @@ def _reconstruct_unit(qmodel, fp, unit: Unit, calib, cfg: ReconConfig, schedule,
     seed = cfg.seed * 1_000_003 + ui
     inputs = capture_inputs(qmodel, unit, calib, cfg.capture_batch_size)
     target, fw = capture_targets(fp, unit, calib, cfg.capture_batch_size, cfg.fisher, seed)
-    ctx = UnitContext(qmodel, unit, inputs, target, fw, cfg, device, seed, progress)
+    if cfg.recon_loss == "fbr":
+        from .fbr import FbrUnitContext
+        ctx = FbrUnitContext(qmodel, unit, inputs, target, fw, cfg, device, seed, progress, fp_model=fp,
+                             calib=calib)
+    else:
+        ctx = UnitContext(qmodel, unit, inputs, target, fw, cfg, device, seed, progress)
     entry: dict[str, Any] = {"name": unit.name, "layers": [n for n, _ in unit.quant_layers(qmodel)],
                              "bits_final": ctx.final_bits}
     has_act = bits.quantize_activations and bool(ctx.act_quantizers())
