@@ -44,8 +44,8 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, teacher_steps, student_steps, backend,
-          device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet, recon_loss="block", qdrop=None,
-          relax_frac=None, relax_where="x0"):
+          device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet, recon_loss="block",
+          qdrop=None, relax_frac=None, relax_where="x0"):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
@@ -59,7 +59,8 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, tea
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
                       calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
-                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples, latency_batch=latency_batch,
+                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples,
+                      latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where)
     print_summary(run_build(cfg))

@@ -59,12 +59,13 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     cfg = ReconConfig.preset(preset, **overrides)
     out = Path(out)
     ckpt = out / "checkpoints"
-    qm = quantize_model(loaded, cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), spec, method, cfg, device,
-                        checkpoint_dir=ckpt)
+    batches = cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys)
+    qm = quantize_model(loaded, batches, spec, method, cfg, device, checkpoint_dir=ckpt)
     if compare_direct and method != "direct":
         from ..quantize.progressive import delta_pert
 
-        dq = quantize_model(loaded, cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), spec, "direct", cfg, device)
+        batches = cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys)
+        dq = quantize_model(loaded, batches, spec, "direct", cfg, device)
         qm.log["direct_geomean_pert"] = dq.log["geomean_pert"]
         qm.log["delta_pert_vs_direct"] = delta_pert(qm.log, dq.log)
         click.echo(f"Delta_Pert vs direct at equal iterations: {qm.log['delta_pert_vs_direct']:+.2%}")

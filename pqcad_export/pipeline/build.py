@@ -89,7 +89,6 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         raise PqcadError("--device cuda requested but CUDA is not available")
     teacher = load_model(cfg.model, device)
     run = RunDir.open(cfg.out, teacher.fingerprint, asdict(cfg), resume=cfg.resume)
-    stages: list[tuple[str, Callable[[], str]]] = []
     keys: dict[str, str] = {}
     t_all = time.time()
     plan = ["calib", "quant", "student", "export", "engine", "report"]
