@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -29,6 +27,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pqcad_export.atomic import atomic_write_bytes, atomic_write_json
 from pqcad_export.errors import PqcadError
 
 FORMAT_VERSION = 1
@@ -47,22 +46,11 @@ COND_FIELD = ("encoder_hidden_states", "cross-attention conditioning fed with z_
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file in the same directory, fsync, then atomically rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    _fsync_write(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_json(path, obj, sort_keys=False)
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -6,12 +6,12 @@ Written atomically so a run directory never holds a half-written manifest (resum
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from pqcad_export.atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 MANIFEST_NAME = "engine.json"
 SCHEMA_VERSION = 1
@@ -52,34 +52,6 @@ class EngineInfo:
         if self.directory is None:
             raise ValueError("EngineInfo not bound to a directory")
         return Path(self.directory) / self.engine_file
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_manifest(info: EngineInfo, out_dir: str | Path) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from functools import wraps
-from pathlib import Path
 
 import click
 

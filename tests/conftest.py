@@ -11,6 +11,16 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from pqcad_export.model_io import DEFAULT_SCHEDULER_CONFIG
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: tiny kernels gain nothing from two, and on a shared 2-core machine two threads per
+    process made them up to 100x slower (measured while several suites ran at once)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _save(unet, path):
     unet.save_pretrained(str(path), safe_serialization=True)
     (path / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG))

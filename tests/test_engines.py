@@ -15,7 +15,7 @@ from onnx import helper as h
 
 from engines import EngineError, build_engine, load_engine, resolve_backend
 from engines.base import LatencyStats
-from engines.onnxruntime import OrtConfig, OrtEngine, build_ort_engine, kernel_summary, to_cpu_int8
+from engines.onnxruntime import OrtConfig, OrtEngine, kernel_summary, to_cpu_int8
 from engines.tensorrt import tensorrt_available
 from pqcad_export.cli import main
 

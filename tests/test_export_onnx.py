@@ -8,12 +8,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from export_helpers import make_quantized
 
-from pqcad_export.cli import main
 from pqcad_export.export.lint import EXPECT_KEY, lint_model
-from pqcad_export.export.onnx import ExportConfig, check_initializers, export_unet
+from pqcad_export.export.onnx import check_initializers, export_unet
 from pqcad_export.export.parity import ParityConfig, check_parity
 
 try:

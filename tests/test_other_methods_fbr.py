@@ -20,14 +20,6 @@ from pqcad_export.quantize.reconstruction import capture_inputs, capture_targets
 from pqcad_export.quantize.wrap import wrap_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _calib(lm, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"sample": torch.randn((n, *lm.sample_shape), generator=g),

@@ -20,14 +20,6 @@ T, N = 8, 3
 TINY_RECON = {"iters": 4, "act_iters": 2, "batch_size": 4, "max_calib": 12, "capture_batch_size": 12}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(strategy, **kw):
     base = dict(steps=T, strategy=strategy, n_per_step=N, every_k=1, batch_size=N, with_dc=False, seed=0,
                 pcr_bits="w4a8", pcr_stages=2, pcr_method="direct", pcr_recon=TINY_RECON)

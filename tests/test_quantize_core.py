@@ -19,15 +19,6 @@ from pqcad_export.quantize.quantizers import (ActQuantizer, WeightQuantizer, mse
 from pqcad_export.quantize.wrap import freeze_all, quant_layers, set_act_quant, split_points, wrap_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the 2-core machine is shared: more than one intra-op thread makes small kernels 100x slower under load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(n=2, c=1, s=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"sample": torch.randn(n, c, s, s, generator=g), "timestep": torch.tensor([10, 900][:n])}

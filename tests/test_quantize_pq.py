@@ -19,14 +19,6 @@ from pqcad_export.quantize.quantizers import mse_channel_scale
 from pqcad_export.quantize.reconstruction import Captured, UnitContext
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- Alg. 3 detector -------------------------------------------------------------------------------------------
 def test_detector_fires_on_plateau_exactly_when_window_fills():
     det = TransitionDetector(pi=0.04, beta=0.9, eps=1e-8, window=50)

@@ -16,14 +16,6 @@ from pqcad_export.quantize.quantizers import qrange
 from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_quantize_core: shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 def collect(lm, n=8, steps=8, every=2, seed=0):
     """A few time-step-aware inputs (x_t, t) from the FP model's DDIM trajectories."""
     batches = []

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ..atomic import atomic_write, atomic_write_json
 from ..errors import PqcadError
 from ..sampling import TorchUNet
 from .config import CadConfig
@@ -139,22 +138,8 @@ def images_from_model(unet_fn: Callable, scheduler_config: dict[str, Any], shape
 # ---------------------------------------------------------------------------------------------------------------
 # atomic files
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_json_atomic(path: Path, obj: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write_json(path, obj, sort_keys=False)
 
 
 def _digest(obj: Any) -> str:
@@ -414,7 +399,7 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
             if out is not None and (done % cfg.checkpoint_every == 0) and done < cfg.iters:
                 st = tr.state(done, history, {"run_id": run_id, "n_no_cdc": n_no_cdc,
                                               "gap_before": gap.get("before")})
-                _atomic_write(out / CHECKPOINT, lambda tmp, st=st: torch.save(st, tmp))
+                atomic_write(out / CHECKPOINT, lambda tmp, st=st: torch.save(st, tmp))
             bar.advance(1)
             if on_iter is not None:
                 on_iter(done)
@@ -501,7 +486,7 @@ def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Option
         imgs = images_from_model(fn, quantized.scheduler_config, shape, cfg.n_train_images, cfg.teacher_steps,
                                  cfg.seed + 4242, device, quiet)
         source = f"data-free: {cfg.n_train_images} DDIM-{cfg.teacher_steps} samples of the {source}"
-    _atomic_write(cache, lambda tmp: save_file({"images": imgs.contiguous()}, tmp,
+    atomic_write(cache, lambda tmp: save_file({"images": imgs.contiguous()}, tmp,
                                                metadata={"key": key, "source": source}))
     return imgs, source
 

@@ -499,7 +499,7 @@ def export_unet(unet: nn.Module, out: str | Path, cfg: Optional[ExportConfig] = 
 
 def check_initializers(onnx_path: str | Path, unet: nn.Module) -> dict[str, Any]:
     """Exported weight initializers equal the model's saved integers (and scales), layer by layer."""
-    from ..quantize.layers import QuantLinear, SplitQuantConv2d
+    from ..quantize.layers import SplitQuantConv2d
 
     model = onnx.load(str(onnx_path))
     meta = {p.key: p.value for p in model.metadata_props}

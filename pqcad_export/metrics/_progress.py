@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 ProgressArg = Union[bool, Callable[[int], None], None]
 

@@ -9,7 +9,7 @@ peak is about `chunk_elems` distances plus the inputs.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch

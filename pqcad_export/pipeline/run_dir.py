@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..atomic import atomic_write_json  # noqa: F401  (re-exported for pipeline modules)
 from ..errors import PqcadError
 
 STAGES = ("calib", "quant", "student", "export", "engine", "report")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def stage_key(*parts: Any) -> str:

@@ -17,10 +17,9 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -28,6 +27,8 @@ import torch
 from torch import nn
 
 from ..bits import BitSpec, parse_bits
+from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_json as _atomic_write_json
 from ..errors import PqcadError, UsageError
 from .blocks import Unit, call_unet, find_units, first_tensor
 from .model import QuantizedModel
@@ -476,24 +477,15 @@ def _schedule(method: str) -> Callable[[UnitContext], dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, sort_keys=True).encode())
+    _atomic_write_json(path, obj, indent=1)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    _atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(path, data)
 
 
 def _unit_state(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
