@@ -9,6 +9,9 @@ One build path serves two libraries with the same builder/ONNX-parser API:
 
 from __future__ import annotations
 
+import functools
+import gc
+
 import importlib
 import json
 import time
@@ -154,6 +157,26 @@ class ParseResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _gc_paused(fn):
+    """Run fn with Python's cyclic GC paused (after one collection). TensorRT calls our Python logger while holding
+    its builder mutex; a GC pass triggered inside that callback can free an older IBuilder, whose destructor
+    takes the same mutex: a deadlock (seen with TensorRT-RTX 1.7 in a long test session)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.collect()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return wrapper
+
+
+@_gc_paused
 def parse_onnx(onnx_path: str | Path, trt, strongly_typed: bool = False) -> ParseResult:
     """Parse with the TensorRT ONNX parser; collects readable errors instead of raising."""
     log = _make_logger(trt)
@@ -197,6 +220,7 @@ def _profile_shapes(network, cfg: TrtConfig) -> dict[str, tuple]:
     return shapes
 
 
+@_gc_paused
 def build_trt_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[TrtConfig] = None,
                      flavor: str = "tensorrt") -> EngineInfo:
     """Parse + build a serialized plan into out_dir with engine.json. Raises TensorRTBuildError with messages."""
@@ -316,6 +340,7 @@ def _inspect_plan(trt, plan: bytes, log) -> Optional[list[dict[str, Any]]]:
 class TrtEngine(Engine):
     """A TensorRT plan run with torch CUDA tensors as device buffers (execute_async_v3)."""
 
+    @_gc_paused
     def __init__(self, engine_dir: str | Path):
         self.info = read_manifest(engine_dir)
         if not torch.cuda.is_available():
