@@ -8,14 +8,13 @@ Files are written atomically (temporary file in the same folder, then os.replace
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_write
 from ..errors import PqcadError
 from .inception import ImagesLike, as_uint8_nchw
 
@@ -61,16 +60,7 @@ def _save_png_atomic(img: Image.Image, path: PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise PqcadError(f"sample grids are written as PNG: give a .png path, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return path
 
 

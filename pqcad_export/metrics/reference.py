@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import PqcadError
 from ._progress import ProgressArg
 from .fid import feature_stats
@@ -72,16 +72,11 @@ def _load(path: Path, key: str) -> Optional[ReferenceStats]:
 
 
 def _save_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare path
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def reference_stats(images: ImagesLike, extractor: FeatureExtractor, cache_dir: Union[str, Path, None] = None,

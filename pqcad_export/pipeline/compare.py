@@ -18,7 +18,7 @@ import torch
 from ..errors import PqcadError
 from ..model_io import LoadedModel
 from ..sampling import SamplerConfig, TorchUNet, UNetFn, ddim_sample, to_uint8
-from .run_dir import atomic_write_json
+from ..atomic import atomic_write, atomic_write_json
 
 
 @dataclass
@@ -305,10 +305,8 @@ def _plot(report: dict, path: Path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _samples_png(images: dict[str, torch.Tensor], path: Path, n: int = 16) -> None:
@@ -329,6 +327,4 @@ def _samples_png(images: dict[str, torch.Tensor], path: Path, n: int = 16) -> No
             tile = Image.fromarray(arr[0] if c == 1 else arr.mean(0).astype(np.uint8))
             canvas.paste(tile, (label_w + i * (w + pad), y))
     canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
