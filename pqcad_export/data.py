@@ -51,15 +51,16 @@ def image_folder(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
 
 def load_images(source: str | Path | None = None, size: int = 32, channels: int = 1) -> np.ndarray:
     """Images as uint8 NCHW at `size`: Fashion-MNIST (default / idx dir) zero-padded 28->32, or an image folder."""
-    if source is None or (Path(source).is_dir() and (Path(source) / "train-images-idx3-ubyte.gz").is_file()):
-        imgs = fashion_mnist("train", source)
-        pad = (size - imgs.shape[1]) // 2
+    idx_file = source is not None and Path(source).is_file() and "idx3" in Path(source).name
+    if source is None or idx_file or (Path(source).is_dir()
+                                      and (Path(source) / "train-images-idx3-ubyte.gz").is_file()):
+        imgs = read_idx_images(source) if idx_file else fashion_mnist("train", source)
+        h = imgs.shape[1]
+        pad = (size - h) // 2
         if pad < 0:
-            raise PqcadError(f"cannot pad 28x28 Fashion-MNIST to {size}x{size}")
-        imgs = np.pad(imgs, ((0, 0), (pad, size - 28 - pad), (pad, size - 28 - pad)))
+            raise PqcadError(f"cannot pad {h}x{h} idx images to {size}x{size}")
+        imgs = np.pad(imgs, ((0, 0), (pad, size - h - pad), (pad, size - h - pad)))
         arr = imgs[:, None]
-    elif Path(source).is_file() and "idx3" in Path(source).name:
-        arr = read_idx_images(source)[:, None]
     elif Path(source).is_dir():
         arr = image_folder(source, size, channels)
         arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)

@@ -90,6 +90,11 @@ class ReconConfig:
         return replace(cfg, **overrides) if overrides else cfg
 
     def __post_init__(self) -> None:
+        if isinstance(self.pq, dict):  # from JSON (e.g. PCR's stored pcr_recon overrides)
+            try:
+                self.pq = PQConfig(**self.pq)
+            except TypeError as exc:
+                raise UsageError(f"bad PQ settings {self.pq}: {exc}") from None
         if self.recon_loss not in ("block", "fbr"):
             raise UsageError(f"unknown --recon-loss '{self.recon_loss}': expected block or fbr")
         if not self.fbr_gamma >= 0:
