@@ -41,3 +41,16 @@ def test_builtin_teacher_loads_and_samples():
     assert imgs.shape == (2, 1, 32, 32) and torch.isfinite(imgs).all()
     # a trained model: images use the range and have a dark background like Fashion-MNIST
     assert imgs.std() > 0.2 and imgs[:, :, :2].mean() < -0.5
+
+
+def test_idx_file_path_is_padded_like_the_default(tmp_path):
+    """A path to an idx3 file (e.g. copied to a GPU machine) gives the same padded 32x32 images as the default."""
+    import gzip
+
+    raw = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    header = np.array([2051, 3, 28, 28], dtype=">u4").tobytes()
+    f.write_bytes(gzip.compress(header + raw.tobytes()))
+    from_file, from_dir = load_images(f, size=32), load_images(tmp_path, size=32)
+    assert from_file.shape == (3, 1, 32, 32) and np.array_equal(from_file, from_dir)
+    assert np.array_equal(from_file[:, 0, 2:30, 2:30], raw) and from_file[:, :, :2].max() == 0

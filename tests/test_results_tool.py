@@ -1,0 +1,61 @@
+"""tools/results.py (the paper-tables job graph): graph consistency and table rendering (no GPU, no training)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pqcad_export.errors import UsageError
+from pqcad_export.quantize import PQConfig, ReconConfig
+
+_spec = importlib.util.spec_from_file_location("results_tool", Path(__file__).parents[1] / "tools" / "results.py")
+results = importlib.util.module_from_spec(_spec)
+sys.modules["results_tool"] = results  # dataclasses look their module up there
+_spec.loader.exec_module(results)
+
+
+@pytest.mark.parametrize("plan", sorted(results.PLANS))
+def test_job_graph_is_closed_and_acyclic(plan):
+    jobs = results.build_jobs(results.PLANS[plan], timing=True)
+    for j in jobs.values():
+        assert j.kind in results.JOB_BODIES
+        assert all(d in jobs for d in j.deps), (j.name, j.deps)
+    done: set = set()
+    while len(done) < len(jobs):  # topological peel: fails (no progress) on a cycle
+        ready = {n for n, j in jobs.items() if n not in done and set(j.deps) <= done}
+        assert ready, f"cycle among {set(jobs) - done}"
+        done |= ready
+    # every evaluated model is scored, and every table row has a job behind it
+    assert {n[len("eval-"):] for n in jobs if n.startswith("eval-")} == \
+           {n[len("score-"):] for n in jobs if n.startswith("score-")}
+    for b in results.BITS:
+        for key, _ in results.ROW_LABELS:
+            assert f"score-{key.format(b=b)}" in jobs
+
+
+def test_tables_render_measured_values_and_mark_missing(tmp_path):
+    jobs = {"score-fp32-100": {"status": "done", "fid": 7.04, "fid_to_fp32": 0.0, "sfid": 32.7, "precision": 0.637,
+                               "recall": 0.691, "steps": 100},
+            "score-quant-w4a8-bitshrink": {"status": "failed", "error": "RuntimeError: boom"},
+            "quant-w4a8-direct": {"status": "done", "geomean_pert": 0.02},
+            "quant-w4a8-pq": {"status": "done", "geomean_pert": 0.01,
+                              "transitions": {"a": {"iter": 25, "how": "detector"}, "b": {"iter": 50, "how": "forced"}}}}
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps({"jobs": jobs}))
+    md = tmp_path / "R.md"
+    md.write_text("intro\n<!-- RESULTS-TABLES -->\nold\n<!-- /RESULTS-TABLES -->\nend\n")
+    assert results.main(["tables", "--results", str(p), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("end")
+    assert "| FP32, 100 steps | 7.04 | 0.00 | 32.70 | 0.637 | 0.691 | 100 |" in text
+    assert "RuntimeError: boom" in text
+    assert "+50.0 %" in text and "| 1/2 |" in text  # Delta_Pert = 1 - 0.01/0.02; one detector transition of two
+
+
+def test_recon_config_accepts_pq_settings_as_dict():
+    cfg = ReconConfig.preset("paper", pq={"window": 20, "pi": 0.05})
+    assert isinstance(cfg.pq, PQConfig) and cfg.pq.window == 20 and cfg.pq.pi == 0.05
+    with pytest.raises(UsageError, match="bad PQ settings"):
+        ReconConfig.preset("paper", pq={"windw": 20})
