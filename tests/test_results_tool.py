@@ -59,3 +59,10 @@ def test_recon_config_accepts_pq_settings_as_dict():
     assert isinstance(cfg.pq, PQConfig) and cfg.pq.window == 20 and cfg.pq.pi == 0.05
     with pytest.raises(UsageError, match="bad PQ settings"):
         ReconConfig.preset("paper", pq={"windw": 20})
+
+
+def test_blocked_is_transitive():
+    jobs = {"a": results.Job("a", "quant"), "b": results.Job("b", "cad", ["a"]),
+            "c": results.Job("c", "eval", ["b"]), "d": results.Job("d", "eval")}
+    states = {"a": "failed", "b": "todo", "c": "todo", "d": "todo"}
+    assert results._blocked(jobs, states) == {"a", "b", "c"}

@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pqcad_export.atomic import atomic_write_json as _write_json  # noqa: E402
+
 BITS = ("w8a8", "w4a8")
 CAD_LOSSES_ABLATION = ("em", "kl", "jsd", "cos", "none")
 
@@ -42,19 +44,19 @@ class Plan:
 
     name: str
     calib_preset: str = "paper"           # CalibConfig preset (paper: 256 trajectories x every 5th of 100 steps)
-    recon_iters: int = 1000               # AdaRound iterations per block (the budget PQ splits between tau and kappa)
-    act_iters: int = 250                  # LSQ iterations per block
+    recon_iters: int = 800                # AdaRound iterations per block (the budget PQ splits between tau and kappa)
+    act_iters: int = 200                  # LSQ iterations per block
     recon_batch: int = 32                 # the paper's batch
     # Learning rates for a reduced budget: the paper preset's 1e-3 (AdaRound) / 4e-5 (LSQ) barely move alpha and
     # the activation steps in ~1k iterations, which left W4A8 near round-to-nearest and sampling noise on the
     # teacher (run 1, docs/RESULTS.md); the quick preset's values restore it (CPU check in docs/RESULTS.md).
     w_lr: float = 5e-2
     a_lr: float = 1e-3
-    pq_window: int = 25                   # W scaled with the iterations as the paper's 500 / 20k
+    pq_window: int = 20                   # W scaled with the iterations as the paper's 500 / 20k
     fisher: bool = True                   # Eq. (5) squared-gradient weighting
     max_calib: Optional[int] = None
     pcr_stages: int = 2                   # PCR calibration: K stages (K - 1 extra quantizations)
-    cad_iters: int = 2000
+    cad_iters: int = 1000
     cad_batch: int = 64
     cad_train_images: int = 5000
     cad_checkpoint_every: int = 250
@@ -64,7 +66,7 @@ class Plan:
     feature_batch: int = 500
     pr_real: int = 10000                  # real images for precision/recall (same count as samples, k=3)
     relax_fracs: tuple[float, ...] = (0.05, 0.1, 0.2)
-    train_per_gpu: int = 7                # concurrent quantization / CAD processes per GPU
+    train_per_gpu: int = 10               # concurrent quantization / CAD processes per GPU
     seed: int = 0
     teacher_steps: int = 100
 
@@ -78,7 +80,7 @@ class Plan:
 
 
 PLANS = {
-    "gpu": Plan("gpu", recon_iters=800, act_iters=200, pq_window=20, cad_iters=1000, train_per_gpu=10),
+    "gpu": Plan("gpu"),
     "smoke": Plan("smoke", calib_preset="quick", recon_iters=8, act_iters=2, recon_batch=4, pq_window=2,
                   fisher=False, max_calib=32, cad_iters=3, cad_batch=2, cad_train_images=4, cad_checkpoint_every=2,
                   cad_extra={"gap_samples": 2, "eval_images": 2, "eval_steps": 2, "cdc_batch": 4},
@@ -153,12 +155,6 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
 # ---------------------------------------------------------------------------------------------------------------
 # job bodies (run in a subprocess: `results.py job --work W NAME`)
 # ---------------------------------------------------------------------------------------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    from pqcad_export.atomic import atomic_write_json
-
-    atomic_write_json(path, obj)
-
-
 class Ctx:
     def __init__(self, work: Path, plan: Plan, weights: Optional[str], data: Optional[str]):
         import torch
@@ -278,12 +274,23 @@ def _model_fn(ctx: Ctx, spec: dict[str, Any]):
     return fn, q.scheduler_config, {"relaxed_timesteps": ts, "average_act_bits": fn.average_act_bits(spec["steps"])}
 
 
+def _fid_or_note(key: str, compute, notes: list[str]) -> Optional[float]:
+    """A Frechet distance rounded for the report, or None with a note when it cannot be computed (e.g. far fewer
+    samples than feature dimensions in the smoke plan)."""
+    from pqcad_export.errors import PqcadError
+
+    try:
+        return round(float(compute()), 4)
+    except PqcadError as exc:
+        notes.append(f"{key}: {exc}")
+        return None
+
+
 def job_eval(ctx: Ctx, job: Job) -> dict[str, Any]:
     """10k samples from the shared initial noise -> uint8 images, pool3 features, sFID statistics, FID-to-FP32."""
     import numpy as np
     import torch
 
-    from pqcad_export.errors import PqcadError
     from pqcad_export.metrics import feature_stats, fid_from_features
     from pqcad_export.sampling import SamplerConfig, ddim_sample, to_uint8
 
@@ -307,14 +314,9 @@ def job_eval(ctx: Ctx, job: Job) -> dict[str, Any]:
     np.save(out / "pool.npy", pool.astype(np.float32))
     mu_s, sig_s = feature_stats(spatial)
     np.savez(out / "spatial_stats.npz", mu=mu_s, sigma=sig_s)
-    notes = []
-    fid_fp32: Optional[float] = 0.0
-    if spec["model"] != "fp32-100":
-        try:
-            fid_fp32 = round(float(fid_from_features(pool, np.load(ctx.dir("eval-fp32-100") / "pool.npy"))), 4)
-        except PqcadError as exc:  # e.g. far fewer samples than feature dimensions (smoke plan)
-            fid_fp32 = None
-            notes.append(f"fid_to_fp32: {exc}")
+    notes: list[str] = []
+    fid_fp32 = 0.0 if spec["model"] == "fp32-100" else _fid_or_note(
+        "fid_to_fp32", lambda: fid_from_features(pool, np.load(ctx.dir("eval-fp32-100") / "pool.npy")), notes)
     return {"fid_to_fp32": fid_fp32, "notes": notes, "sampling_seconds": round(t_sample, 1),
             "steps": spec["steps"], "samples": int(u8.shape[0]), "fid_features": ext.id, **extra}
 
@@ -345,8 +347,8 @@ def job_refstats(ctx: Ctx, job: Job) -> dict[str, Any]:
 
 def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     import numpy as np
+    import torch
 
-    from pqcad_export.errors import PqcadError
     from pqcad_export.metrics import feature_stats, fid_from_stats, precision_recall
 
     ref = np.load(ctx.dir("refstats") / "ref.npz")
@@ -355,23 +357,16 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     sp = np.load(ev / "spatial_stats.npz")
     evald = json.loads((ev / "done.json").read_text())
     out: dict[str, Any] = {**evald, "notes": list(evald.get("notes", []))}
-    for key, a, b in (("fid", feature_stats(pool), (ref["mu"], ref["sigma"])),
-                      ("sfid", (sp["mu"], sp["sigma"]), (ref["mu_s"], ref["sigma_s"]))):
-        try:
-            out[key] = round(float(fid_from_stats(a, b)), 4)
-        except PqcadError as exc:
-            out[key] = None
-            out["notes"].append(f"{key}: {exc}")
+    out["fid"] = _fid_or_note("fid", lambda: fid_from_stats(feature_stats(pool), (ref["mu"], ref["sigma"])),
+                              out["notes"])
+    out["sfid"] = _fid_or_note("sfid", lambda: fid_from_stats((sp["mu"], sp["sigma"]), (ref["mu_s"], ref["sigma_s"])),
+                               out["notes"])
     n = min(len(pool), len(ref["pr_real"]))
-    pr = precision_recall(ref["pr_real"][:n], pool[:n], k=3, device=ctx.device, dtype=_pr_dtype(ctx))
+    # float32 distances on a GPU (10k x 10k), float64 on a CPU (the function's default precision)
+    dtype = torch.float32 if ctx.device.type == "cuda" else torch.float64
+    pr = precision_recall(ref["pr_real"][:n], pool[:n], k=3, device=ctx.device, dtype=dtype)
     out.update(precision=round(pr.precision, 4), recall=round(pr.recall, 4))
     return out
-
-
-def _pr_dtype(ctx: Ctx):
-    import torch
-
-    return torch.float32 if ctx.device.type == "cuda" else torch.float64
 
 
 JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad": job_cad, "timing": job_timing, "eval": job_eval,
@@ -441,7 +436,6 @@ def cmd_run(args) -> int:
                                      "gpus": gpus})
     deadline = time.time() + args.until if args.until else None
     running: dict[str, tuple[subprocess.Popen, str, float]] = {}
-    tries: dict[str, int] = {}
     excl_gpu = gpus[-1] if "timing-cifar-recon" in jobs else None
     t_start = time.time()
     while True:
@@ -461,8 +455,6 @@ def cmd_run(args) -> int:
             j = jobs[name]
             if any(states.get(d) != "done" for d in j.deps) or not _inputs_ready(j, args):
                 continue
-            if any(states.get(d) == "failed" for d in j.deps):
-                continue
             gpu = _pick_gpu(j, jobs, running, gpus, plan, excl_gpu, states)
             if gpu is None:
                 continue
@@ -474,16 +466,14 @@ def cmd_run(args) -> int:
                 cmd += ["--weights", args.weights]
             if args.data:
                 cmd += ["--data", args.data]
-            tries[name] = tries.get(name, 0) + 1
             log = open(work / "logs" / f"{name}.log", "a")
             running[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu, time.time())
             print(f"[{time.time() - t_start:7.0f}s] start {name} on {gpu}", flush=True)
-        stuck = [n for n in todo if any(states.get(d) == "failed" for d in jobs[n].deps)]
-        if stuck and not running and len(stuck) == len([n for n in todo if n not in running]):
-            break
-        _write_status(work, jobs, running)
+        _write_status(work, states, running)
+        if not running and set(todo) <= _blocked(jobs, states):
+            break  # everything left depends, directly or not, on a failed job
         time.sleep(args.poll)
-    _write_status(work, jobs, running)
+    _write_status(work, {n: _state(work, n) for n in jobs}, running)
     if running and not args.detach_children:
         for proc, _, _ in running.values():
             proc.wait()
@@ -506,12 +496,19 @@ def _pick_gpu(j: Job, jobs, running, gpus, plan: Plan, excl_gpu, states) -> Opti
     return min(free, key=lambda g: len(load[g])) if free else None
 
 
-def _write_status(work: Path, jobs: dict[str, Job], running) -> None:
-    st = {}
-    for n in jobs:
-        s = _state(work, n)
-        st[n] = "running" if n in running else s
-    _write_json(work / "status.json", st)
+def _blocked(jobs: dict[str, Job], states: dict[str, str]) -> set[str]:
+    """Jobs that can never run: a dependency failed or is itself blocked."""
+    blocked = {n for n, s in states.items() if s == "failed"}
+    grew = True
+    while grew:
+        new = {n for n, j in jobs.items() if n not in blocked and any(d in blocked for d in j.deps)}
+        blocked |= new
+        grew = bool(new)
+    return blocked
+
+
+def _write_status(work: Path, states: dict[str, str], running) -> None:
+    _write_json(work / "status.json", {n: "running" if n in running else s for n, s in states.items()})
 
 
 def cmd_job(args) -> int:
