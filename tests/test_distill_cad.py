@@ -158,3 +158,26 @@ def test_load_cdc_sources_and_off_grid_rows(setup):
         load_cdc({"sample": torch.zeros(1, 1, 4, 4), "timestep": torch.tensor([5])}, grid)
     with pytest.raises(PqcadError):
         load_cdc(setup["root"] / "nowhere", grid)
+
+
+def test_fp_training_images_are_shared_across_teachers_but_not_self_samples(setup, tmp_path):
+    """FP samples do not depend on the quantized teacher (cache reused by another teacher's student); samples of
+    the quantized teacher itself (no FP model) do."""
+    from pqcad_export.distill import training_images
+
+    q = load_quantized(setup["quant"])
+    fp = load_model(setup["model"]).unet
+    cfg = quick()
+    imgs, _ = training_images(q, cfg, tmp_path, "cpu", fp, "fp model (given)")
+    marker = torch.full_like(imgs, 0.5)  # overwrite the cache: a reuse returns the marker, a redraw does not
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "cad_train_images.safetensors"), "pt") as fh:
+        md = fh.metadata()
+    save_file({"images": marker}, str(tmp_path / "cad_train_images.safetensors"), metadata=md)
+    q.meta["fingerprint"] = "another-teacher"
+    again, _ = training_images(q, cfg, tmp_path, "cpu", fp, "fp model (given)")
+    assert torch.equal(again, marker)
+    own, _ = training_images(q, cfg, tmp_path, "cpu", None, "")
+    assert not torch.equal(own, marker)

@@ -66,3 +66,51 @@ def test_blocked_is_transitive():
             "c": results.Job("c", "eval", ["b"]), "d": results.Job("d", "eval")}
     states = {"a": "failed", "b": "todo", "c": "todo", "d": "todo"}
     assert results._blocked(jobs, states) == {"a", "b", "c"}
+
+
+def test_only_selects_matches_with_their_dependencies_in_pattern_order():
+    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
+    sel = results.select_jobs(jobs, ["score-cad-w4a8-pq-em", "quant-w8a8-direct"])
+    names = list(sel)
+    # the score job pulls its whole chain: eval, the student, the PQ teacher, calibration, CAD images, refstats,
+    # and the FP32 evaluation FID-to-FP32 needs; nothing else
+    assert set(names) == {"score-cad-w4a8-pq-em", "eval-cad-w4a8-pq-em", "cad-w4a8-pq-em", "quant-w4a8-pq",
+                          "calib-uniform", "cad-images", "refstats", "eval-fp32-100", "quant-w8a8-direct"}
+    assert names[-1] == "quant-w8a8-direct"  # second pattern starts last
+    assert results.select_jobs(jobs, []) is jobs
+    with pytest.raises(SystemExit, match="matches no job"):
+        results.select_jobs(jobs, ["quant-w2a2-*"])
+
+
+def test_sampling_does_not_wait_for_fid_weights_but_scoring_does():
+    jobs = results.build_jobs(results.PLANS["gpu"], timing=False)
+    assert jobs["eval-quant-w4a8-pq"].deps == ["quant-w4a8-pq"]
+    assert "eval-fp32-100" in jobs["score-quant-w4a8-pq"].deps and jobs["eval-fp32-100"].deps == []
+    assert all("cad-images" in j.deps for j in jobs.values() if j.kind == "cad")
+
+
+def test_eval_waits_for_weights_after_sampling_without_failing(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "jobs" / "eval-fp32-100"
+    d.mkdir(parents=True)
+    np.save(d / "images.npy", np.zeros((4, 1, 32, 32), np.uint8))
+    (d / "sampled.json").write_text(json.dumps({"samples": 4, "steps": 100, "sampling_seconds": 0.1}))
+    rc = results.main(["job", "--work", str(tmp_path), "--plan", "smoke", "--weights", str(tmp_path / "none.pt"),
+                       "eval-fp32-100"])
+    assert rc == results.WAITING_RC
+    assert results._state(tmp_path, "eval-fp32-100") == "todo"  # neither done nor failed; its process has ended
+    args = type("A", (), {"work": str(tmp_path), "weights": str(tmp_path / "none.pt")})
+    assert not results._inputs_ready(results.Job("eval-fp32-100", "eval"), args)  # sampled: needs the weights now
+    assert results._inputs_ready(results.Job("eval-fp32-50", "eval"), args)      # not sampled yet: may start
+
+
+def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
+    import os
+
+    d = tmp_path / "jobs" / "quant-w4a8-pq"
+    d.mkdir(parents=True)
+    (d / "pid").write_text(str(os.getpid()))
+    assert results._state(tmp_path, "quant-w4a8-pq") == "elsewhere"
+    (d / "pid").write_text("999999999")
+    assert results._state(tmp_path, "quant-w4a8-pq") == "todo"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ class Plan:
     pr_real: int = 10000                  # real images for precision/recall (same count as samples, k=3)
     relax_fracs: tuple[float, ...] = (0.05, 0.1, 0.2)
     train_per_gpu: int = 10               # concurrent quantization / CAD processes per GPU
+    eval_per_gpu: int = 2                 # concurrent sampling / feature processes per GPU
+    score_per_gpu: int = 4                # concurrent metric processes per GPU (mostly CPU: matrix square roots)
     seed: int = 0
     teacher_steps: int = 100
 
@@ -91,14 +94,15 @@ PLANS = {
 @dataclass
 class Job:
     name: str
-    kind: str                                  # calib | quant | cad | timing | refstats | eval | score
+    kind: str                                  # calib | quant | cad_images | cad | timing | refstats | eval | score
     deps: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lane(self) -> str:
-        """train jobs share GPUs; eval jobs run one at a time per GPU; timing wants a GPU to itself."""
-        return {"calib": "train", "quant": "train", "cad": "train", "timing": "exclusive"}.get(self.kind, "eval")
+        """train jobs share GPUs; eval and score jobs run a few at a time per GPU; timing wants a GPU to itself."""
+        return {"calib": "train", "quant": "train", "cad_images": "train", "cad": "train", "timing": "exclusive",
+                "score": "score"}.get(self.kind, "eval")
 
 
 def quant_name(bits: str, method: str, calib: str = "uniform", recon: str = "block") -> str:
@@ -116,6 +120,7 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
 
     for strat in ("uniform", "ndtc", "tdac", "pcr"):
         add(Job(f"calib-{strat}", "calib", params={"strategy": strat}))
+    add(Job("cad-images", "cad_images"))
     models: dict[str, dict[str, Any]] = {"fp32-100": {"type": "fp", "steps": 100},
                                           "fp32-50": {"type": "fp", "steps": 50}}
     for bits in BITS:
@@ -124,9 +129,9 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
         losses = CAD_LOSSES_ABLATION if bits == "w4a8" else ("em", "none")
         for loss in losses:
             q = quant_name(bits, "pq")
-            add(Job(f"cad-{bits}-pq-{loss}", "cad", [q, "calib-uniform"], {"quant": q, "loss": loss}))
+            add(Job(f"cad-{bits}-pq-{loss}", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": loss}))
         q = quant_name(bits, "direct")
-        add(Job(f"cad-{bits}-direct-em", "cad", [q, "calib-uniform"], {"quant": q, "loss": "em"}))
+        add(Job(f"cad-{bits}-direct-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
     for strat in ("ndtc", "tdac", "pcr"):
         add(Job(quant_name("w4a8", "pq", strat), "quant", [f"calib-{strat}"],
                 {"bits": "w4a8", "method": "pq", "calib": strat}))
@@ -142,11 +147,10 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
                                              "where": "x0"}
     add(Job("refstats", "refstats"))
     for m, spec in models.items():
-        deps = [] if m == "fp32-100" else ["eval-fp32-100"]
-        if spec.get("dir"):
-            deps.append(spec["dir"])
-        add(Job(f"eval-{m}", "eval", deps, {"model": m, **spec}))
-        add(Job(f"score-{m}", "score", [f"eval-{m}", "refstats"], {"model": m}))
+        # sampling needs only the model; FID-to-FP32 (in score) also the FP32 100-step row's features
+        add(Job(f"eval-{m}", "eval", [spec["dir"]] if spec.get("dir") else [], {"model": m, **spec}))
+        add(Job(f"score-{m}", "score", [f"eval-{m}", "refstats"] + ([] if m == "fp32-100" else ["eval-fp32-100"]),
+                {"model": m}))
     if timing:
         add(Job("timing-cifar-recon", "timing"))
     return jobs
@@ -221,19 +225,44 @@ def _transitions(log: dict) -> dict[str, Any]:
 
 
 def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from pqcad_export.distill.cad import distill
-    from pqcad_export.distill.config import CadConfig
+    from pqcad_export.distill.cad import TRAIN_IMAGES, distill
 
-    p = ctx.plan
-    cfg = CadConfig.preset("paper", iters=p.cad_iters, batch_size=p.cad_batch, n_train_images=p.cad_train_images,
-                           checkpoint_every=p.cad_checkpoint_every, calib_loss=job.params["loss"], seed=p.seed,
-                           teacher_steps=p.teacher_steps, **p.cad_extra)
+    cfg = _cad_config(ctx, job.params["loss"])
     t0 = time.time()
+    shared = ctx.dir("cad-images") / TRAIN_IMAGES
+    own = ctx.dir(job.name) / TRAIN_IMAGES
+    if shared.is_file() and not own.is_file():  # distill() checks its key and redraws the images on a mismatch
+        own.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared, own)
     distill(ctx.dir(job.params["quant"]), ctx.dir("calib-uniform"), cfg, ctx.dir(job.name), ctx.device,
             fp_model=ctx.teacher.unet, quiet=True)
     log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
     return {"seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
             "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap", "weights")}}
+
+
+def _cad_config(ctx: Ctx, loss: str):
+    from pqcad_export.distill.config import CadConfig
+
+    p = ctx.plan
+    return CadConfig.preset("paper", iters=p.cad_iters, batch_size=p.cad_batch, n_train_images=p.cad_train_images,
+                            checkpoint_every=p.cad_checkpoint_every, calib_loss=loss, seed=p.seed,
+                            teacher_steps=p.teacher_steps, **p.cad_extra)
+
+
+def job_cad_images(ctx: Ctx, job: Job) -> dict[str, Any]:
+    """CAD's data-free training images (FP teacher samples), drawn once for every student instead of once each."""
+    from types import SimpleNamespace
+
+    from pqcad_export.distill.cad import FP_GIVEN, training_images
+
+    t = ctx.teacher
+    # training_images() reads only these fields of the quantized teacher when an FP model draws the images
+    shape_src = SimpleNamespace(sample_shape=t.sample_shape, scheduler_config=t.scheduler_config, meta={})
+    t0 = time.time()
+    imgs, source = training_images(shape_src, _cad_config(ctx, "em"), ctx.dir(job.name), ctx.device, t.unet,
+                                   FP_GIVEN)
+    return {"images": int(imgs.shape[0]), "source": source, "seconds": round(time.time() - t0, 1)}
 
 
 def job_timing(ctx: Ctx, job: Job) -> dict[str, Any]:
@@ -286,39 +315,49 @@ def _fid_or_note(key: str, compute, notes: list[str]) -> Optional[float]:
         return None
 
 
+class Waiting(Exception):
+    """A job that did what it could and needs an input that has not arrived yet (the scheduler runs it again)."""
+
+
+WAITING_RC = 75
+
+
 def job_eval(ctx: Ctx, job: Job) -> dict[str, Any]:
-    """10k samples from the shared initial noise -> uint8 images, pool3 features, sFID statistics, FID-to-FP32."""
+    """10k samples from the shared initial noise -> uint8 images (saved first: sampling needs no FID weights, so it
+    runs while they are still arriving), then pool3 features and sFID statistics."""
     import numpy as np
     import torch
 
-    from pqcad_export.metrics import feature_stats, fid_from_features
+    from pqcad_export.metrics import feature_stats
     from pqcad_export.sampling import SamplerConfig, ddim_sample, to_uint8
 
     p, spec = ctx.plan, job.params
     out = ctx.dir(job.name)
     out.mkdir(parents=True, exist_ok=True)
+    sampled = out / "sampled.json"
+    if not sampled.is_file():
+        fn, sched, extra = _model_fn(ctx, spec)
+        t0 = time.time()
+        imgs = ddim_sample(fn, sched, ctx.teacher.sample_shape, p.samples,
+                           SamplerConfig(steps=spec["steps"], eta=0.0, batch_size=p.sample_batch, seed=p.seed),
+                           device=ctx.device)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        t_sample = time.time() - t0
+        if not torch.isfinite(imgs).all():
+            raise RuntimeError(f"{spec['model']} produced non-finite samples")
+        np.save(out / "images.npy", to_uint8(imgs).numpy())
+        _write_json(sampled, {"sampling_seconds": round(t_sample, 1), "steps": spec["steps"],
+                              "samples": int(imgs.shape[0]), **extra})
+    if not _weights_ready(ctx.weights):
+        raise Waiting("FID weights not there yet")
+    u8 = np.load(out / "images.npy")
     ext = _extractor(ctx)
-    fn, sched, extra = _model_fn(ctx, spec)
-    t0 = time.time()
-    imgs = ddim_sample(fn, sched, ctx.teacher.sample_shape, p.samples,
-                       SamplerConfig(steps=spec["steps"], eta=0.0, batch_size=p.sample_batch, seed=p.seed),
-                       device=ctx.device)
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
-    t_sample = time.time() - t0
-    if not torch.isfinite(imgs).all():
-        raise RuntimeError(f"{spec['model']} produced non-finite samples")
-    u8 = to_uint8(imgs).numpy()
     pool, spatial = ext.features(u8, batch_size=p.feature_batch, spatial=True)
-    np.save(out / "images.npy", u8)
     np.save(out / "pool.npy", pool.astype(np.float32))
     mu_s, sig_s = feature_stats(spatial)
     np.savez(out / "spatial_stats.npz", mu=mu_s, sigma=sig_s)
-    notes: list[str] = []
-    fid_fp32 = 0.0 if spec["model"] == "fp32-100" else _fid_or_note(
-        "fid_to_fp32", lambda: fid_from_features(pool, np.load(ctx.dir("eval-fp32-100") / "pool.npy")), notes)
-    return {"fid_to_fp32": fid_fp32, "notes": notes, "sampling_seconds": round(t_sample, 1),
-            "steps": spec["steps"], "samples": int(u8.shape[0]), "fid_features": ext.id, **extra}
+    return {**json.loads(sampled.read_text()), "notes": [], "fid_features": ext.id}
 
 
 def job_refstats(ctx: Ctx, job: Job) -> dict[str, Any]:
@@ -349,7 +388,7 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from pqcad_export.metrics import feature_stats, fid_from_stats, precision_recall
+    from pqcad_export.metrics import feature_stats, fid_from_features, fid_from_stats, precision_recall
 
     ref = np.load(ctx.dir("refstats") / "ref.npz")
     ev = ctx.dir(f"eval-{job.params['model']}")
@@ -357,6 +396,8 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     sp = np.load(ev / "spatial_stats.npz")
     evald = json.loads((ev / "done.json").read_text())
     out: dict[str, Any] = {**evald, "notes": list(evald.get("notes", []))}
+    out["fid_to_fp32"] = 0.0 if job.params["model"] == "fp32-100" else _fid_or_note(
+        "fid_to_fp32", lambda: fid_from_features(pool, np.load(ctx.dir("eval-fp32-100") / "pool.npy")), out["notes"])
     out["fid"] = _fid_or_note("fid", lambda: fid_from_stats(feature_stats(pool), (ref["mu"], ref["sigma"])),
                               out["notes"])
     out["sfid"] = _fid_or_note("sfid", lambda: fid_from_stats((sp["mu"], sp["sigma"]), (ref["mu_s"], ref["sigma_s"])),
@@ -369,7 +410,7 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     return out
 
 
-JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad": job_cad, "timing": job_timing, "eval": job_eval,
+JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad_images": job_cad_images, "cad": job_cad, "timing": job_timing, "eval": job_eval,
               "refstats": job_refstats, "score": job_score}
 
 
@@ -382,11 +423,22 @@ def _state(work: Path, name: str) -> str:
         return "done"
     if (d / "failed.json").is_file():
         return "failed"
+    if _alive(d / "pid"):
+        return "elsewhere"  # started by an earlier scheduler of this work dir (replaced to widen --only)
     return "todo"
 
 
+def _alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _inputs_ready(job: Job, args) -> bool:
-    if job.kind in ("eval", "refstats", "score") and not _weights_ready(args.weights):
+    sampled = (Path(args.work) / "jobs" / job.name / "sampled.json").is_file()
+    if (job.kind in ("refstats", "score") or (job.kind == "eval" and sampled)) and not _weights_ready(args.weights):
         return False
     if job.kind == "refstats" and args.data:
         d = Path(args.data)
@@ -427,7 +479,7 @@ def cmd_run(args) -> int:
     work = Path(args.work)
     plan = PLANS[args.plan]
     gpus = _gpus()
-    jobs = build_jobs(plan, timing=args.timing and gpus != ["cpu"] and len(gpus) > 1)
+    jobs = select_jobs(build_jobs(plan, timing=args.timing and gpus != ["cpu"] and len(gpus) > 1), args.only)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     if args.retry_failed:
         for n in jobs:
@@ -488,12 +540,31 @@ def _pick_gpu(j: Job, jobs, running, gpus, plan: Plan, excl_gpu, states) -> Opti
         return excl_gpu if not load.get(excl_gpu) else None
     timing_busy = excl_gpu is not None and states.get("timing-cifar-recon") != "done"
     cands = [g for g in gpus if not (timing_busy and g == excl_gpu)]
-    if j.lane == "eval":
-        free = [g for g in cands if not any(x.lane == "eval" for x in load[g])]
-        # evaluation prefers the GPU with the fewest training processes
-        return min(free, key=lambda g: len(load[g])) if free else None
-    free = [g for g in cands if sum(x.lane == "train" for x in load[g]) < plan.train_per_gpu]
-    return min(free, key=lambda g: len(load[g])) if free else None
+    cap = {"eval": plan.eval_per_gpu, "score": plan.score_per_gpu, "train": plan.train_per_gpu}[j.lane]
+    free = [g for g in cands if sum(x.lane == j.lane for x in load[g]) < cap]
+    # the GPU with the fewest processes of this lane, then the fewest in all
+    return min(free, key=lambda g: (sum(x.lane == j.lane for x in load[g]), len(load[g]))) if free else None
+
+
+def select_jobs(jobs: dict[str, Job], patterns: list[str]) -> dict[str, Job]:
+    """The jobs matching any of the fnmatch patterns plus everything they depend on, ordered by the first pattern
+    they (or, for a dependency, a job needing them) match: the order the scheduler starts them in."""
+    from fnmatch import fnmatch
+
+    if not patterns:
+        return jobs
+    rank: dict[str, int] = {}
+    for i, pat in enumerate(patterns):
+        hits = [n for n in jobs if fnmatch(n, pat) and n not in rank]
+        if not hits and not any(fnmatch(n, pat) for n in jobs):
+            raise SystemExit(f"--only {pat!r} matches no job")
+        stack = list(hits)
+        while stack:
+            n = stack.pop()
+            if n not in rank:
+                rank[n] = i
+                stack.extend(jobs[n].deps)
+    return {n: jobs[n] for n in sorted(rank, key=lambda n: (rank[n], list(jobs).index(n)))}
 
 
 def _blocked(jobs: dict[str, Job], states: dict[str, str]) -> set[str]:
@@ -519,17 +590,24 @@ def cmd_job(args) -> int:
     ctx = Ctx(work, plan, args.weights, args.data)
     d = ctx.dir(job.name)
     d.mkdir(parents=True, exist_ok=True)
+    pid = d / "pid"
+    pid.write_text(str(os.getpid()))
     t0 = time.time()
     try:
         res = JOB_BODIES[job.kind](ctx, job)
+        res["job_seconds"] = round(time.time() - t0, 1)
+        res["device"] = _device_name(ctx)
+        _write_json(d / "done.json", res)
+        return 0
+    except Waiting as exc:
+        print(f"{job.name}: waiting: {exc}", flush=True)
+        return WAITING_RC
     except Exception as exc:  # recorded for the collector; the scheduler does not retry
         traceback.print_exc()
         _write_json(d / "failed.json", {"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    res["job_seconds"] = round(time.time() - t0, 1)
-    res["device"] = _device_name(ctx)
-    _write_json(d / "done.json", res)
-    return 0
+    finally:
+        pid.unlink(missing_ok=True)
 
 
 def _device_name(ctx: Ctx) -> str:
@@ -594,6 +672,10 @@ def cmd_collect(args) -> int:
               "quant-w8a8-bitshrink"):
         log = work / "jobs" / n / "quant_log.json"
         if log.is_file():
+            (out / f"{n}.log.json").write_bytes(log.read_bytes())
+    for n in plan["jobs"]:
+        log = work / "jobs" / n / "cad_log.json"
+        if n.startswith("cad-") and log.is_file():
             (out / f"{n}.log.json").write_bytes(log.read_bytes())
     print(json.dumps({n: j.get("status") for n, j in res["jobs"].items()}))
     return 0
@@ -692,6 +774,8 @@ def main(argv=None) -> int:
     r.add_argument("--timing", action="store_true", help="also time CIFAR-size reconstruction on its own GPU")
     r.add_argument("--detach-children", action="store_true")
     r.add_argument("--retry-failed", action="store_true", help="forget earlier failures and run those jobs again")
+    r.add_argument("--only", nargs="+", default=[], metavar="PATTERN",
+                   help="run only jobs matching these globs (and their dependencies), started in this order")
     j = sub.add_parser("job", help="run one job (the scheduler calls this)")
     j.add_argument("--work", required=True)
     j.add_argument("--plan", default="gpu", choices=sorted(PLANS))

@@ -48,6 +48,7 @@ from .targets import Schedule, distillation_target, student_grid
 CHECKPOINT = "cad_checkpoint.pt"
 LOG = "cad_log.json"
 TRAIN_IMAGES = "cad_train_images.safetensors"
+FP_GIVEN = "fp model (given)"  # training-image source (and cache key part) of an FP module passed in
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +438,7 @@ def _fp_model_for(quantized, fp_model, device) -> tuple[Optional[nn.Module], str
     from ..model_io import DEFAULT_MODEL_DIR, fingerprint_dir, load_model
 
     if isinstance(fp_model, nn.Module):
-        return fp_model, "fp model (given)"
+        return fp_model, FP_GIVEN
     if fp_model is not None and not isinstance(fp_model, (str, Path)):  # a LoadedModel
         return fp_model.unet, f"fp model {getattr(fp_model, 'path', '')}"
     if fp_model is not None:
@@ -458,12 +459,14 @@ def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Option
     """Training images for CAD, cached in out_dir (so a resumed run sees the same ones).
 
     dataset path -> its first n images; otherwise data-free: n samples of the FP model (teacher_steps DDIM steps)
-    or, when no FP model is known, of the quantized teacher itself."""
+    or, when no FP model is known, of the quantized teacher itself. FP samples do not depend on the quantized
+    teacher, so their cache key leaves it out: students of different teachers of one FP model can share the file."""
     from safetensors.torch import load_file, save_file
 
     shape = quantized.sample_shape
     key = _digest({"dataset": cfg.dataset, "n": cfg.n_train_images, "seed": cfg.seed, "steps": cfg.teacher_steps,
-                   "teacher": quantized.meta.get("fingerprint"), "fp": fp_desc})
+                   "teacher": None if (cfg.dataset or fp is not None) else quantized.meta.get("fingerprint"),
+                   "fp": fp_desc})
     cache = out_dir / TRAIN_IMAGES
     if cache.is_file():
         try:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call of the GPU results run (tools/results.py) on the lent device machine, whose calls last at most 10 minutes,
+# carry at most 64 MiB and lose /tmp when the machine goes back. Each call:
+#   - installs the carried wheels (.whl/) once per machine and copies this checkout to /tmp/repo;
+#   - takes what arrives in parts: .gpu/w1/part1 + .gpu/w2/part2 (the 87 MB TF-Inception weights, joined and
+#     sha1-checked by the scheduler), .gpu/data/train-images-idx3-ubyte.gz (FID reference images);
+#   - on a fresh machine, unpacks the previous call's work pack (.gpu/pack/work.tgz.*) so finished models survive;
+#   - starts the scheduler in its own session (it outlives the call while the machine stays warm), or, when
+#     arguments are given and one runs already, replaces it (jobs it started run on; see results.py "elsewhere");
+#   - waits SECS seconds (default 540) or until the scheduler ends, then returns under $OUT: collect.tgz
+#     (results.json, figures, logs), work.tgz.* (models and checkpoints, no samples) and sched.log.
+# Usage (from the repository root, on the device): SECS=540 bash tools/results_device.sh [--only PATTERN ...]
+set -u
+SECS=${SECS:-540}
+T0=$(date +%s)
+W=/tmp/res
+R=/tmp/repo
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/fid /tmp/fm
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site
+[ -f .gpu/w1/part1 ] && cp .gpu/w1/part1 /tmp/fid/part1
+[ -f .gpu/w2/part2 ] && cp .gpu/w2/part2 /tmp/fid/part2
+if [ -f /tmp/fid/part1 ] && [ -f /tmp/fid/part2 ] && [ ! -f /tmp/fid/default_1.pt ]; then
+  cat /tmp/fid/part1 /tmp/fid/part2 > /tmp/fid/joining && mv /tmp/fid/joining /tmp/fid/default_1.pt
+fi
+[ -f .gpu/data/train-images-idx3-ubyte.gz ] && cp .gpu/data/train-images-idx3-ubyte.gz /tmp/fm/
+if [ ! -d "$W" ] && ls .gpu/pack/work.tgz.* >/dev/null 2>&1; then
+  mkdir -p "$W" && cat .gpu/pack/work.tgz.* | tar xzf - -C "$W" && echo "restored the work dir from the pack"
+fi
+# refreshed every call: jobs started from now on run this checkout's code (running ones keep theirs)
+mkdir -p "$R" && cp -r pqcad_export calibration engines tools pyproject.toml "$R"/
+running() { [ -f /tmp/sched.pid ] && kill -0 "$(cat /tmp/sched.pid)" 2>/dev/null; }
+if running && [ $# -gt 0 ]; then kill "$(cat /tmp/sched.pid)"; sleep 1; fi
+if ! running; then
+  (cd "$R" && setsid nohup python3 tools/results.py run --work "$W" --plan gpu --weights /tmp/fid/default_1.pt \
+     --data /tmp/fm --detach-children "$@" >> /tmp/sched.log 2>&1 & echo $! > /tmp/sched.pid)
+  sleep 2
+fi
+nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+while [ $(( $(date +%s) - T0 )) -lt "$SECS" ] && running; do sleep 10; done
+nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+python3 "$R"/tools/results.py status --work "$W"
+python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null && tar czf "$OUT"/collect.tgz -C /tmp collect
+# models, checkpoints and finished records; not samples/features (evaluations rerun) nor calibration sets and CAD
+# images (seeded, redrawn in seconds)
+tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/calib-*' --exclude='jobs/cad-images' --exclude='pid' \
+  --exclude='cad_train_images.safetensors' . | split -b 15M - "$OUT"/work.tgz.
+cp /tmp/sched.log "$OUT"/sched.log
+ls -la "$OUT"
