@@ -114,3 +114,21 @@ def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
     assert results._state(tmp_path, "quant-w4a8-pq") == "elsewhere"
     (d / "pid").write_text("999999999")
     assert results._state(tmp_path, "quant-w4a8-pq") == "todo"
+
+
+def test_tables_merge_runs_later_wins_but_keeps_earlier_done(tmp_path):
+    run1 = {"score-fp32-100": {"status": "done", "fid": 7.04, "fid_to_fp32": 0.0, "sfid": 32.7, "precision": 0.6,
+                               "recall": 0.7, "steps": 100},
+            "quant-w4a8-direct": {"status": "done", "geomean_pert": 0.02}}
+    run2 = {"quant-w4a8-direct": {"status": "done", "geomean_pert": 0.04},
+            "score-fp32-100": {"status": "failed", "error": "no data"}}
+    files = []
+    for i, jobs in enumerate((run1, run2)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps({"jobs": jobs}))
+    md = tmp_path / "R.md"
+    md.write_text("<!-- RESULTS-TABLES -->\n<!-- /RESULTS-TABLES -->\n")
+    assert results.main(["tables", "--results", *map(str, files), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "| FP32, 100 steps | 7.04 |" in text and "no data" not in text
+    assert "| w4a8 | 0.04000 |" in text

@@ -238,7 +238,7 @@ def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
             fp_model=ctx.teacher.unet, quiet=True)
     log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
     return {"seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
-            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap", "weights")}}
+            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", "weights")}}
 
 
 def _cad_config(ctx: Ctx, loss: str):
@@ -715,8 +715,11 @@ def _metric_row(label: str, r: Optional[dict]) -> str:
 def cmd_tables(args) -> int:
     """Markdown tables (quality rows, CAD-loss ablation, calibration/reconstruction ablation, relaxing) from
     results.json; printed, or written between the RESULTS-TABLES markers of --md."""
-    res = json.loads(Path(args.results).read_text())
-    jobs = res["jobs"]
+    jobs: dict[str, Any] = {}
+    for f in args.results:  # later runs override earlier ones, but a job done earlier is not undone by a later gap
+        for n, r in json.loads(Path(f).read_text())["jobs"].items():
+            if r.get("status") == "done" or n not in jobs:
+                jobs[n] = r
     score = lambda m: jobs.get(f"score-{m}")  # noqa: E731
     head = "| model | FID ↓ | FID-to-FP32 ↓ | sFID ↓ | precision ↑ | recall ↑ | steps |\n|---|---|---|---|---|---|---|"
     out = []
@@ -788,7 +791,7 @@ def main(argv=None) -> int:
     c.add_argument("--work", required=True)
     c.add_argument("--out", required=True)
     t = sub.add_parser("tables", help="markdown tables from results.json")
-    t.add_argument("--results", required=True)
+    t.add_argument("--results", required=True, nargs="+", help="results.json of one or more runs (later wins)")
     t.add_argument("--md", default=None, help="rewrite the tables between the markers of this file")
     a = ap.parse_args(argv)
     return {"run": cmd_run, "job": cmd_job, "status": cmd_status, "collect": cmd_collect,

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""The efficiency table of issue 9 (the paper's Table II on our teacher): per precision (FP32, W8A8, W4A8) and
+backend, the model size, GBOPs per UNet call, unet_ms_per_call, ms_per_image and throughput.
+
+- Model size: weights at their bit width plus FP32 per-channel scales and the parameters kept in FP32 (what an
+  integer engine must store), and the bytes of the engine file actually built.
+- GBOPs (bit operations, as in the quantization literature): sum over layers of MACs x weight bits x input
+  activation bits, MACs counted with forward hooks on one batch-1 call (convolutions, linear layers and the two
+  attention matmuls QK^T and PV at activation x activation bits); FP32 counts 32 x 32.
+- Latency: executed engines only (ONNX Runtime on this machine's CPU: FP32 graph, and our QDQ export built as an
+  INT8 engine). ms_per_image = steps x ms_per_call(batch B) / B with 100 steps for FP32 and the quantized teacher
+  and 50 for the distilled student (the latency of one call does not depend on the learned values, so the
+  quantized rows use a round-to-nearest model). TensorRT-RTX rows are built (parsed and compiled for
+  --trt-arch) but not run: "validated", no latency.
+
+    python tools/efficiency_table.py --batch 1 32 --out docs/results/efficiency_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_latency import export_fp, quick_quantize  # noqa: E402
+
+
+def layer_macs(unet: torch.nn.Module, sample_shape) -> dict[str, int]:
+    """MACs of one batch-1 UNet call per module name: Conv2d/Linear from their outputs, attention from its
+    sequence length (QK^T and PV: 2 x N^2 x inner_dim)."""
+    from diffusers.models.attention_processor import Attention
+
+    macs: dict[str, int] = {}
+    hooks = []
+
+    def conv_hook(name):
+        def f(m, inp, out):
+            if isinstance(m, torch.nn.Conv2d):
+                k = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            else:
+                k = m.in_features
+            macs[name] = macs.get(name, 0) + int(out.numel() // out.shape[0]) * k
+        return f
+
+    def attn_hook(name):
+        def f(m, inp, out):
+            h = inp[0]
+            n = h.shape[2] * h.shape[3] if h.dim() == 4 else h.shape[1]
+            macs[name] = macs.get(name, 0) + 2 * n * n * m.to_q.out_features
+        return f
+
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(m.register_forward_hook(conv_hook(name)))
+        elif isinstance(m, Attention):
+            hooks.append(m.register_forward_hook(attn_hook(name)))
+    c, h, w = sample_shape
+    with torch.no_grad():
+        unet(torch.randn(1, c, h, w), torch.tensor([500])).sample
+    for hk in hooks:
+        hk.remove()
+    return macs
+
+
+def bit_widths(q) -> dict[str, tuple[int, int]]:
+    """(weight bits, input activation bits) per layer of a quantized model; attention matmuls at act x act."""
+    from pqcad_export.quantize.wrap import attn_processors, quant_layers
+
+    out = {}
+    for name, m in quant_layers(q.unet):
+        out[name] = (int(m.wq.bits), int(m.aq.bits) if m.aq.enabled else 32)
+    for name, p in attn_processors(q.unet):
+        a = int(p.aq_q.bits) if p.aq_q.enabled else 32
+        out[name.rsplit(".processor", 1)[0]] = (a, a)
+    return out
+
+
+def gbops(macs: dict[str, int], bits: dict[str, tuple[int, int]]) -> float:
+    return sum(n * bits.get(k, (32, 32))[0] * bits.get(k, (32, 32))[1] for k, n in macs.items()) / 1e9
+
+
+def weight_bytes(unet: torch.nn.Module, bits: dict[str, tuple[int, int]]) -> int:
+    """Integer weights packed at their bit width + one FP32 scale per output channel; everything else FP32."""
+    total = 0
+    for name, m in unet.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if pname == "weight" and name in bits and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                total += (p.numel() * bits[name][0] + 7) // 8 + 4 * p.shape[0]
+            else:
+                total += 4 * p.numel()
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="FP diffusers UNet dir (default: the built-in teacher)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--trt-arch", default="SM89", help="TensorRT-RTX build target of the validated rows ('' = skip)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args(argv)
+
+    from engines.onnxruntime import OrtConfig, build_ort_engine, make_session
+    from pqcad_export.export.onnx import export_unet
+    from pqcad_export.model_io import load_model
+
+    torch.set_num_threads(a.threads)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="pqcad_eff_"))
+    work.mkdir(parents=True, exist_ok=True)
+    fp = load_model(a.model)
+    unet = fp.unet.eval()
+    macs = layer_macs(unet, fp.sample_shape)
+    export_fp(unet, work / "fp32.onnx")
+    rows = [{"precision": "FP32", "backend": "onnxruntime-cpu", "status": "executed", "engine": work / "fp32.onnx",
+             "steps": [100], "gbops": gbops(macs, {}), "weight_bytes": weight_bytes(unet, {})}]
+    for bits in ("w8a8", "w4a8"):
+        q = quick_quantize(copy.deepcopy(unet), bits)
+        bw = bit_widths(q)
+        export_unet(q.unet, work / f"{bits}.qdq.onnx")
+        d = work / f"ort_{bits}"
+        build_ort_engine(work / f"{bits}.qdq.onnx", d, OrtConfig(mode="int8", intra_op_threads=a.threads))
+        common = {"precision": bits.upper(), "gbops": gbops(macs, bw), "weight_bytes": weight_bytes(unet, bw),
+                  "steps": [100, 50]}
+        rows.append({**common, "backend": "onnxruntime-cpu (INT8 kernels)", "status": "executed",
+                     "engine": d / "model.onnx"})
+        if a.trt_arch:
+            rows.append({**common, **_trt_validate(work / f"{bits}.qdq.onnx", work / f"trt_{bits}", a.trt_arch)})
+    c, h, w = fp.sample_shape
+    for r in rows:
+        eng = r.pop("engine", None)
+        r["engine_bytes"] = _engine_bytes(eng) if eng else r.get("engine_bytes")
+        if r["status"] != "executed":
+            continue
+        sess = make_session(eng, OrtConfig(intra_op_threads=a.threads, provider="cpu"))
+        r["latency"] = {}
+        for b in a.batch:
+            feeds = {"sample": np.random.default_rng(b).standard_normal((b, c, h, w), dtype=np.float32),
+                     "timestep": np.linspace(1, 999, b).round().astype(np.float32)}
+            for _ in range(a.warmup):
+                sess.run(None, feeds)
+            ts = []
+            for _ in range(a.iters):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            ms = float(np.median(ts))
+            r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3),
+                                    **{f"ms_per_image_{s}steps": round(s * ms / b, 2) for s in r["steps"]},
+                                    **{f"images_per_s_{s}steps": round(1e3 * b / (s * ms), 3) for s in r["steps"]}}
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {a.threads} threads",
+           "model": str(fp.path), "params": sum(p.numel() for p in unet.parameters()),
+           "macs_per_call": sum(macs.values()), "onnxruntime": __import__("onnxruntime").__version__,
+           "torch": torch.__version__, "rows": rows}
+    print(json.dumps(res, indent=1, default=str))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return 0
+
+
+def _engine_bytes(path: Path) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.parent.iterdir() if f.is_file() and f.name.startswith(p.stem))
+
+
+def _trt_validate(onnx_path: Path, out: Path, arch: str) -> dict:
+    """Parse + ahead-of-time build with TensorRT-RTX for `arch` (no GPU needed; nothing executed)."""
+    from engines.tensorrt import TrtConfig, build_trt_engine
+
+    row = {"backend": f"tensorrt-rtx ({arch.upper()})", "engine": None}
+    try:
+        info = build_trt_engine(onnx_path, out, TrtConfig(compute_capability=arch.upper()), flavor="tensorrt-rtx")
+    except Exception as exc:  # reported in the table, not fatal: the ORT rows stand on their own
+        return {**row, "status": f"not built: {type(exc).__name__}: {exc}"[:200]}
+    return {**row, "status": "validated", "engine_bytes": info.precision["plan_bytes"],
+            "quantized_layers": info.precision["quantized_layers"], "build_seconds": info.precision["build_seconds"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
