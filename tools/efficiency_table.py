@@ -10,7 +10,7 @@ backend, the model size, GBOPs per UNet call, unet_ms_per_call, ms_per_image and
 - Latency: executed engines only (ONNX Runtime on this machine's CPU: FP32 graph, and our QDQ export built as an
   INT8 engine). ms_per_image = steps x ms_per_call(batch B) / B with 100 steps for FP32 and the quantized teacher
   and 50 for the distilled student (the latency of one call does not depend on the learned values, so the
-  quantized rows use a round-to-nearest model). TensorRT-RTX rows are built (parsed and compiled for
+  quantized rows use a round-to-nearest model); medians of round-robin timed calls. TensorRT-RTX rows are built (parsed and compiled for
   --trt-arch) but not run: "validated", no latency.
 
     python tools/efficiency_table.py --batch 1 32 --out docs/results/efficiency_cpu.json
@@ -113,7 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--trt-arch", default="SM89", help="TensorRT-RTX build target of the validated rows ('' = skip)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--table", default=None, metavar="JSON", help="only print the markdown table of a results JSON")
     a = ap.parse_args(argv)
+    if a.table:
+        print(markdown(json.loads(Path(a.table).read_text())))
+        return 0
 
     from engines.onnxruntime import OrtConfig, build_ort_engine, make_session
     from pqcad_export.export.onnx import export_unet
@@ -141,35 +145,65 @@ def main(argv=None) -> int:
         if a.trt_arch:
             rows.append({**common, **_trt_validate(work / f"{bits}.qdq.onnx", work / f"trt_{bits}", a.trt_arch)})
     c, h, w = fp.sample_shape
-    for r in rows:
+    sessions = {}
+    for i, r in enumerate(rows):
         eng = r.pop("engine", None)
         r["engine_bytes"] = _engine_bytes(eng) if eng else r.get("engine_bytes")
-        if r["status"] != "executed":
-            continue
-        sess = make_session(eng, OrtConfig(intra_op_threads=a.threads, provider="cpu"))
-        r["latency"] = {}
-        for b in a.batch:
-            feeds = {"sample": np.random.default_rng(b).standard_normal((b, c, h, w), dtype=np.float32),
-                     "timestep": np.linspace(1, 999, b).round().astype(np.float32)}
-            for _ in range(a.warmup):
-                sess.run(None, feeds)
-            ts = []
-            for _ in range(a.iters):
+        if r["status"] == "executed":
+            sessions[i] = make_session(eng, OrtConfig(intra_op_threads=a.threads, provider="cpu"))
+            r["latency"] = {}
+    for b in a.batch:
+        feeds = {"sample": np.random.default_rng(b).standard_normal((b, c, h, w), dtype=np.float32),
+                 "timestep": np.linspace(1, 999, b).round().astype(np.float32)}
+        ts: dict[int, list[float]] = {i: [] for i in sessions}
+        for it in range(a.warmup + a.iters):
+            for i, sess in sessions.items():  # round-robin: every engine sees the same machine load
                 t0 = time.perf_counter()
                 sess.run(None, feeds)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            ms = float(np.median(ts))
+                if it >= a.warmup:
+                    ts[i].append((time.perf_counter() - t0) * 1e3)
+        for i in sessions:
+            r, ms = rows[i], float(np.median(ts[i]))
             r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3),
                                     **{f"ms_per_image_{s}steps": round(s * ms / b, 2) for s in r["steps"]},
                                     **{f"images_per_s_{s}steps": round(1e3 * b / (s * ms), 3) for s in r["steps"]}}
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {a.threads} threads",
+    res = {"machine": f"{_cpu_name()}, {os.cpu_count()} cpus, {a.threads} threads",
            "model": str(fp.path), "params": sum(p.numel() for p in unet.parameters()),
            "macs_per_call": sum(macs.values()), "onnxruntime": __import__("onnxruntime").__version__,
            "torch": torch.__version__, "rows": rows}
-    print(json.dumps(res, indent=1, default=str))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print(markdown(res))
     return 0
+
+
+def markdown(res: dict) -> str:
+    """The table of docs/RESULTS.md: one row per precision x backend x steps, latency at the largest batch."""
+    out = [f"| precision | backend | status | steps | weights (packed) | engine file | GBOPs / call | "
+           f"unet_ms_per_call (batch 1) | ms_per_image (batch B) | images/s (batch B) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lat = r.get("latency") or {}
+        b1 = lat.get("1", {}).get("unet_ms_per_call")
+        big = max(lat, key=int) if lat else None
+        for st in (r["steps"] if lat else ["–"]):
+            v = lat.get(big, {}) if big else {}
+            ms, ips = v.get(f"ms_per_image_{st}steps"), v.get(f"images_per_s_{st}steps")
+            out.append(f"| {r['precision']} | {r['backend']} | {r['status']} | {st} | {r['weight_bytes'] / 1e6:.2f} MB | "
+                       f"{(r.get('engine_bytes') or 0) / 1e6:.2f} MB | {r['gbops']:.1f} | "
+                       f"{'–' if b1 is None else f'{b1:.1f}'} | {'–' if ms is None else f'{ms:.0f} (B={big})'} | "
+                       f"{'–' if ips is None else f'{ips:.2f}'} |")
+    return "\n".join(out)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _engine_bytes(path: Path) -> int:

@@ -2,7 +2,8 @@
 """Compare the sample sets of tools/results.py evaluations against one reference row without the data: every row
 starts from the same initial noise (seed 0), so sample i of a quantized model and sample i of the FP32 model are a
 pair. Reports the paired pixel MSE / PSNR over all samples and, when --fid-samples > 0, FID-to-reference on the
-first N samples of each row (TF-Inception pool3; features cached per row, so a rerun resumes).
+first N samples of each row plus the floor of such a small-sample FID (the reference's samples N..2N against its
+first N), TF-Inception pool3 features cached per row, so a rerun resumes.
 
 Used when the 10k-sample FIDs could not be finished on the GPU (docs/RESULTS.md says which numbers came from here):
 
@@ -33,11 +34,11 @@ def paired_pixel(a: np.ndarray, b: np.ndarray) -> dict:
     return {"pairs": int(len(d)), "mse": round(float(mse.mean()), 6), "psnr_db": round(float(psnr.mean()), 3)}
 
 
-def _features(row: Path, n: int, ext, cache_dir: Path) -> np.ndarray:
-    cache = cache_dir / f"{row.name}.pool{n}.npy"
+def _features(row: Path, n: int, ext, cache_dir: Path, start: int = 0) -> np.ndarray:
+    cache = cache_dir / (f"{row.name}.pool{n}" + (f"from{start}" if start else "") + ".npy")
     if cache.is_file():
         return np.load(cache)
-    imgs = np.load(row / "images.npy", mmap_mode="r")[:n]
+    imgs = np.load(row / "images.npy", mmap_mode="r")[start:start + n]
     t0 = time.time()
     pool = ext.features(np.array(imgs), batch_size=50)  # a writable copy of the memory-mapped rows
     print(f"{row.name}: {n} features in {time.time() - t0:.0f}s", flush=True)
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
         cache = Path(a.cache) if a.cache else out.parent / "feature_cache"
         cache.mkdir(parents=True, exist_ok=True)
         ref_pool = _features(ref, a.fid_samples, ext, cache)
+        # the noise floor of an N-sample FID: the reference's next N samples against its first N
+        floor = _features(ref, a.fid_samples, ext, cache, start=a.fid_samples)
+        res["fid_floor_ref_vs_ref"] = round(float(fid_from_features(floor, ref_pool)), 3)
     for r in map(Path, a.rows):
         if r.resolve() == ref.resolve():
             continue

@@ -142,6 +142,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
             models[name] = {"type": "quant", "dir": name, "steps": 100}
         elif j.kind == "cad":
             models[name] = {"type": "student", "dir": name, "steps": 50}
+    for bits in BITS:  # the 100-step PQ teacher sampled with 50 steps: the students' no-distillation baseline
+        models[f"quant-{bits}-pq-50steps"] = {"type": "quant", "dir": quant_name(bits, "pq"), "steps": 50}
     for frac in plan.relax_fracs:
         models[f"relax-w4a8-x0-{frac:g}"] = {"type": "relax", "dir": "cad-w4a8-pq-em", "steps": 50, "frac": frac,
                                              "where": "x0"}
@@ -519,7 +521,12 @@ def cmd_run(args) -> int:
             if args.data:
                 cmd += ["--data", args.data]
             log = open(work / "logs" / f"{name}.log", "a")
-            running[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu, time.time())
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # written here, not only by the job once its imports are done: a scheduler that replaces this one a
+            # second later must already see the job as running (run 2 started two copies of a job that way)
+            (work / "jobs" / name).mkdir(parents=True, exist_ok=True)
+            (work / "jobs" / name / "pid").write_text(str(proc.pid))
+            running[name] = (proc, gpu, time.time())
             print(f"[{time.time() - t_start:7.0f}s] start {name} on {gpu}", flush=True)
         _write_status(work, states, running)
         if not running and set(todo) <= _blocked(jobs, states):
@@ -687,6 +694,7 @@ ROW_LABELS = [
     ("quant-{b}-direct", "direct (Q-Diffusion-style BRECQ + AdaRound/LSQ), 100 steps"),
     ("quant-{b}-bitshrink", "+ bit-shrink, 100 steps"),
     ("quant-{b}-pq", "+ PQ, 100 steps"),
+    ("quant-{b}-pq-50steps", "PQ teacher sampled with 50 DDIM steps (no distillation)"),
     ("cad-{b}-pq-none", "PQ + Distill-DM (CAD without calibration loss), 50 steps"),
     ("cad-{b}-direct-em", "direct + CAD (EM), 50 steps"),
     ("cad-{b}-pq-em", "**PQCAD** (PQ + CAD-EM), 50 steps"),
