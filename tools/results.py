@@ -4,9 +4,11 @@
 Jobs (calibration sets, quantized models, CAD students, 10k-sample evaluations, metrics) each write into their own
 folder under --work and a `done.json` when finished, so a rerun skips what is done and a killed job restarts from
 its own checkpoints (per block in quantization, every N iterations in CAD). Quantization and CAD jobs run as
-parallel subprocesses (the teacher is small: one process leaves a GPU mostly idle); evaluation runs one process a
-GPU. Evaluation waits until the TF-Inception weights exist (--weights) and data metrics until the reference
-images exist (--data), so both can arrive while training jobs already run.
+parallel subprocesses (the teacher is small: one process leaves a GPU mostly idle), evaluations a few per GPU.
+An evaluation samples at once and computes features when the TF-Inception weights exist (--weights); data metrics
+wait for the reference images (--data): both may arrive, in parts, while training jobs already run. `--only`
+restricts a run to some rows (with their dependencies); a scheduler started again on the same --work leaves the
+jobs of its predecessor running (tools/results_device.sh does this between device calls).
 
     python tools/results.py run --work /tmp/res --plan gpu --weights default_1.pt --data train-images-idx3-ubyte.gz
     python tools/results.py status --work /tmp/res
@@ -412,8 +414,8 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
     return out
 
 
-JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad_images": job_cad_images, "cad": job_cad, "timing": job_timing, "eval": job_eval,
-              "refstats": job_refstats, "score": job_score}
+JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad_images": job_cad_images, "cad": job_cad,
+              "timing": job_timing, "eval": job_eval, "refstats": job_refstats, "score": job_score}
 
 
 # ---------------------------------------------------------------------------------------------------------------
