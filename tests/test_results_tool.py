@@ -132,3 +132,9 @@ def test_tables_merge_runs_later_wins_but_keeps_earlier_done(tmp_path):
     text = md.read_text()
     assert "| FP32, 100 steps | 7.04 |" in text and "no data" not in text
     assert "| w4a8 | 0.04000 |" in text
+
+
+def test_only_does_not_rerun_what_a_finished_job_needed():
+    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
+    sel = results.select_jobs(jobs, ["eval-cad-w4a8-pq-em"], is_done=lambda n: n == "cad-w4a8-pq-em")
+    assert set(sel) == {"eval-cad-w4a8-pq-em", "cad-w4a8-pq-em"}  # no calibration, CAD images or quantization

@@ -483,7 +483,8 @@ def cmd_run(args) -> int:
     work = Path(args.work)
     plan = PLANS[args.plan]
     gpus = _gpus()
-    jobs = select_jobs(build_jobs(plan, timing=args.timing and gpus != ["cpu"] and len(gpus) > 1), args.only)
+    jobs = select_jobs(build_jobs(plan, timing=args.timing and gpus != ["cpu"] and len(gpus) > 1), args.only,
+                       is_done=lambda n: _state(work, n) == "done")
     (work / "logs").mkdir(parents=True, exist_ok=True)
     if args.retry_failed:
         for n in jobs:
@@ -555,9 +556,10 @@ def _pick_gpu(j: Job, jobs, running, gpus, plan: Plan, excl_gpu, states) -> Opti
     return min(free, key=lambda g: (sum(x.lane == j.lane for x in load[g]), len(load[g]))) if free else None
 
 
-def select_jobs(jobs: dict[str, Job], patterns: list[str]) -> dict[str, Job]:
-    """The jobs matching any of the fnmatch patterns plus everything they depend on, ordered by the first pattern
-    they (or, for a dependency, a job needing them) match: the order the scheduler starts them in."""
+def select_jobs(jobs: dict[str, Job], patterns: list[str], is_done=lambda name: False) -> dict[str, Job]:
+    """The jobs matching any of the fnmatch patterns plus what they still need (the dependencies of a finished job
+    are not needed again: a work dir restored without its calibration sets does not redraw them), ordered by the
+    first pattern they (or, for a dependency, a job needing them) match: the order the scheduler starts them in."""
     from fnmatch import fnmatch
 
     if not patterns:
@@ -572,7 +574,8 @@ def select_jobs(jobs: dict[str, Job], patterns: list[str]) -> dict[str, Job]:
             n = stack.pop()
             if n not in rank:
                 rank[n] = i
-                stack.extend(jobs[n].deps)
+                if not is_done(n):
+                    stack.extend(jobs[n].deps)
     return {n: jobs[n] for n in sorted(rank, key=lambda n: (rank[n], list(jobs).index(n)))}
 
 
