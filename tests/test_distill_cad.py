@@ -164,11 +164,12 @@ def test_fp_training_images_are_shared_across_teachers_but_not_self_samples(setu
     """FP samples do not depend on the quantized teacher (cache reused by another teacher's student); samples of
     the quantized teacher itself (no FP model) do."""
     from pqcad_export.distill import training_images
+    from pqcad_export.distill.cad import FP_GIVEN
 
     q = load_quantized(setup["quant"])
     fp = load_model(setup["model"]).unet
     cfg = quick()
-    imgs, _ = training_images(q, cfg, tmp_path, "cpu", fp, "fp model (given)")
+    imgs, _ = training_images(q, cfg, tmp_path, "cpu", fp, FP_GIVEN)
     marker = torch.full_like(imgs, 0.5)  # overwrite the cache: a reuse returns the marker, a redraw does not
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -177,7 +178,7 @@ def test_fp_training_images_are_shared_across_teachers_but_not_self_samples(setu
         md = fh.metadata()
     save_file({"images": marker}, str(tmp_path / "cad_train_images.safetensors"), metadata=md)
     q.meta["fingerprint"] = "another-teacher"
-    again, _ = training_images(q, cfg, tmp_path, "cpu", fp, "fp model (given)")
+    again, _ = training_images(q, cfg, tmp_path, "cpu", fp, FP_GIVEN)
     assert torch.equal(again, marker)
     own, _ = training_images(q, cfg, tmp_path, "cpu", None, "")
     assert not torch.equal(own, marker)

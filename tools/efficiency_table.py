@@ -10,8 +10,8 @@ backend, the model size, GBOPs per UNet call, unet_ms_per_call, ms_per_image and
 - Latency: executed engines only (ONNX Runtime on this machine's CPU: FP32 graph, and our QDQ export built as an
   INT8 engine). ms_per_image = steps x ms_per_call(batch B) / B with 100 steps for FP32 and the quantized teacher
   and 50 for the distilled student (the latency of one call does not depend on the learned values, so the
-  quantized rows use a round-to-nearest model); medians of round-robin timed calls. TensorRT-RTX rows are built (parsed and compiled for
-  --trt-arch) but not run: "validated", no latency.
+  quantized rows use a round-to-nearest model); medians of round-robin timed calls. TensorRT-RTX rows are built
+  (parsed and compiled for --trt-arch) but not run: "validated", no latency.
 
     python tools/efficiency_table.py --batch 1 32 --out docs/results/efficiency_cpu.json
 """
@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latency import export_fp, quick_quantize  # noqa: E402
+from pqcad_export.atomic import atomic_write_json  # noqa: E402
 
 
 def layer_macs(unet: torch.nn.Module, sample_shape) -> dict[str, int]:
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     from engines.onnxruntime import OrtConfig, build_ort_engine, make_session
     from pqcad_export.export.onnx import export_unet
     from pqcad_export.model_io import load_model
+    from pqcad_export.pipeline.compare import device_description
 
     torch.set_num_threads(a.threads)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="pqcad_eff_"))
@@ -167,20 +168,20 @@ def main(argv=None) -> int:
             r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3),
                                     **{f"ms_per_image_{s}steps": round(s * ms / b, 2) for s in r["steps"]},
                                     **{f"images_per_s_{s}steps": round(1e3 * b / (s * ms), 3) for s in r["steps"]}}
-    res = {"machine": f"{_cpu_name()}, {os.cpu_count()} cpus, {a.threads} threads",
+    res = {"machine": f"{device_description(torch.device('cpu'))}, {a.threads} threads",
            "model": str(fp.path), "params": sum(p.numel() for p in unet.parameters()),
            "macs_per_call": sum(macs.values()), "onnxruntime": __import__("onnxruntime").__version__,
            "torch": torch.__version__, "rows": rows}
     if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        atomic_write_json(a.out, res, indent=1, sort_keys=False)
     print(markdown(res))
     return 0
 
 
 def markdown(res: dict) -> str:
     """The table of docs/RESULTS.md: one row per precision x backend x steps, latency at the largest batch."""
-    out = [f"| precision | backend | status | steps | weights (packed) | engine file | GBOPs / call | "
-           f"unet_ms_per_call (batch 1) | ms_per_image (batch B) | images/s (batch B) |",
+    out = ["| precision | backend | status | steps | weights (packed) | engine file | GBOPs / call | "
+           "unet_ms_per_call (batch 1) | ms_per_image (batch B) | images/s (batch B) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lat = r.get("latency") or {}
@@ -194,16 +195,6 @@ def markdown(res: dict) -> str:
                        f"{'–' if b1 is None else f'{b1:.1f}'} | {'–' if ms is None else f'{ms:.0f} (B={big})'} | "
                        f"{'–' if ips is None else f'{ips:.2f}'} |")
     return "\n".join(out)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _engine_bytes(path: Path) -> int:

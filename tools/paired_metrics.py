@@ -23,6 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pqcad_export.atomic import atomic_write_json  # noqa: E402
+
 
 def paired_pixel(a: np.ndarray, b: np.ndarray) -> dict:
     """MSE and PSNR on [0, 1] pixels, per sample pair, averaged (uint8 inputs of the same noise)."""
@@ -82,8 +84,7 @@ def main(argv=None) -> int:
         if ext is not None:
             row["fid_to_ref"] = round(float(fid_from_features(_features(r, a.fid_samples, ext, cache), ref_pool)), 3)
         res["rows"][r.name] = row
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")  # after every row: partial results survive
+        atomic_write_json(out, res, indent=1, sort_keys=False)  # after every row: partial results survive
         print(r.name, row, flush=True)
     return 0
 
