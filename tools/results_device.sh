@@ -7,9 +7,12 @@
 #   - on a fresh machine, unpacks the previous call's work pack (.gpu/pack/work.tgz.*) so finished models survive;
 #   - starts the scheduler in its own session (it outlives the call while the machine stays warm), or, when
 #     arguments are given and one runs already, replaces it (jobs it started run on; see results.py "elsewhere");
-#   - waits SECS seconds (default 540) or until the scheduler ends, then returns under $OUT: collect.tgz
-#     (results.json, figures, logs), work.tgz.* (models and checkpoints, no samples) and sched.log.
-# Usage (from the repository root, on the device): SECS=540 bash tools/results_device.sh [--only PATTERN ...]
+#   - waits SECS seconds (default 400) or until the scheduler ends, then returns under $OUT: collect.tgz
+#     (results.json, figures, logs), work.tgz.* (models and checkpoints, no samples; PACK=0 skips it) and sched.log.
+# Usage (from the repository root, on the device): SECS=400 bash tools/results_device.sh [--only PATTERN ...]
+# SECS is the wait, not the call: with training jobs on all 16 cores, status + collect + pack took 150-200 s in run 3
+# (both SECS=530 and SECS=400 calls hit the 600 s limit), so keep SECS <= 400 while jobs train, and PACK=0 in a last
+# call whose results arrive in collect.tgz.
 #
 # Preparing the carried folders here (all gitignored; the device has torch but no diffusers/POT and no network):
 #   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 \
@@ -20,7 +23,8 @@
 #   cp /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz .gpu/data/
 # Calls carry [.whl, .gpu/w1], then [.gpu/w2], then [.gpu/data] (each under 64 MiB with the 10 MB checkout).
 set -u
-SECS=${SECS:-540}
+SECS=${SECS:-400}
+PACK=${PACK:-1}
 T0=$(date +%s)
 W=/tmp/res
 R=/tmp/repo
@@ -54,9 +58,10 @@ while [ $(( $(date +%s) - T0 )) -lt "$SECS" ] && running; do sleep 10; done
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
 python3 "$R"/tools/results.py status --work "$W"
 python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null && tar czf "$OUT"/collect.tgz -C /tmp collect
-# models, checkpoints and finished records; not samples/features (evaluations rerun) nor calibration sets and CAD
-# images (seeded, redrawn in seconds)
-tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/calib-*' --exclude='jobs/cad-images' --exclude='pid' \
-  --exclude='cad_train_images.safetensors' . | split -b 15M - "$OUT"/work.tgz.
 cp /tmp/sched.log "$OUT"/sched.log
+# models, checkpoints and finished records; not samples/features (evaluations rerun), the reference features
+# (140 MB, recomputed in about 70 s) nor calibration sets and CAD images (seeded, redrawn in seconds)
+[ "$PACK" = 1 ] && tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' \
+  --exclude='jobs/cad-images' --exclude='pid' --exclude='cad_train_images.safetensors' . \
+  | split -b 15M - "$OUT"/work.tgz.
 ls -la "$OUT"
