@@ -13,11 +13,12 @@ from test_distill_cad import one_thread, setup  # noqa: F401  (module-scoped fix
 def test_cli_distill(setup, tmp_path):
     r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]),
                                   "--out", str(tmp_path / "s"), "--iters", "2", "--batch-size", "2",
-                                  "--calib-loss", "jsd", "--lambda", "0.5", "--model", str(setup["model"]),
-                                  "--quiet"])
+                                  "--calib-loss", "jsd", "--lambda", "0.5", "--kd-weighting", "snr",
+                                  "--model", str(setup["model"]), "--quiet"])
     assert r.exit_code == 0, r.output
     assert "50 steps" in r.output
     assert json.loads((tmp_path / "s" / "quant.json").read_text())["steps"] == 50
+    assert json.loads((tmp_path / "s" / "cad_log.json").read_text())["config"]["kd_weighting"] == "snr"
     r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib",
                                   str(tmp_path / "missing"), "--out", str(tmp_path / "t")])
     assert r.exit_code == 1 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1

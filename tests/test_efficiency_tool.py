@@ -36,3 +36,20 @@ def test_macs_bops_and_bytes_follow_the_layer_arithmetic():
     only_in = {"conv_in": (4, 8)}
     saved = 4 * conv.numel() - ((conv.numel() * 4 + 7) // 8 + 4 * conv.shape[0])
     assert eff.weight_bytes(unet, only_in) == 4 * n_params - saved
+
+
+def test_relaxed_sampler_latency_mixes_the_two_engines_per_call_medians():
+    from pqcad_export.model_io import load_model
+
+    sched = load_model(None).scheduler_config
+    rows = [{"precision": "W4A8", "status": "executed", "latency": {"1": {"unet_ms_per_call": 10.0},
+                                                                    "32": {"unet_ms_per_call": 64.0}}},
+            {"precision": "W4A8, fp32 activations (relaxed engine)", "status": "executed",
+             "latency": {"1": {"unet_ms_per_call": 30.0}, "32": {"unet_ms_per_call": 128.0}}}]
+    out = {r["fraction"]: r for r in eff._relax_latency(rows, [0.05, 0.2], sched)}
+    # 5 % of 50 steps rounds to 2 relaxed steps, 20 % to 10 (engines.relax.relaxed_timesteps)
+    assert out[0.05]["relaxed_steps"] == 2 and out[0.2]["relaxed_steps"] == 10
+    assert out[0.05]["ms_per_image_by_batch"]["1"] == 2 * 30.0 + 48 * 10.0
+    assert out[0.2]["ms_per_image_by_batch"]["32"] == (10 * 128.0 + 40 * 64.0) / 32
+    assert abs(out[0.2]["average_act_bits"] - (40 * 8 + 10 * 32) / 50) < 1e-12
+    assert "| 0.2 | 10 | 12.80 |" in eff.markdown({"rows": [], "relax": list(out.values())})

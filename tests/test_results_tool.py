@@ -138,3 +138,17 @@ def test_only_does_not_rerun_what_a_finished_job_needed():
     jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
     sel = results.select_jobs(jobs, ["eval-cad-w4a8-pq-em"], is_done=lambda n: n == "cad-w4a8-pq-em")
     assert set(sel) == {"eval-cad-w4a8-pq-em", "cad-w4a8-pq-em"}  # no calibration, CAD images or quantization
+
+
+def test_snr_weighted_students_get_their_weighting_and_others_keep_the_default():
+    from types import SimpleNamespace
+
+    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
+    ctx = SimpleNamespace(plan=results.PLANS["smoke"])
+    snr = jobs["cad-w4a8-pq-em-snr"]
+    assert snr.deps == ["quant-w4a8-pq", "calib-uniform", "cad-images"]
+    assert results._cad_config(ctx, snr.params["loss"], snr.params.get("kd_weighting")).kd_weighting == "snr"
+    plain = jobs["cad-w4a8-pq-em"]
+    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("kd_weighting")).kd_weighting == \
+        "truncated_snr"
+    assert "eval-cad-w8a8-pq-none-snr" in jobs and "score-cad-w8a8-pq-none-snr" in jobs

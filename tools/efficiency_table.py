@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trt-arch", default="SM89", help="TensorRT-RTX build target of the validated rows ('' = skip)")
+    ap.add_argument("--relax", type=float, nargs="*", default=[0.05, 0.1, 0.2], metavar="FRAC",
+                    help="PCR relaxing: also time W4A8 with fp32 activations and give the 50-step sampler's "
+                         "ms_per_image with this fraction of steps on it (none: skip)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--table", default=None, metavar="JSON", help="only print the markdown table of a results JSON")
@@ -145,6 +148,8 @@ def main(argv=None) -> int:
                      "engine": d / "model.onnx"})
         if a.trt_arch:
             rows.append({**common, **_trt_validate(work / f"{bits}.qdq.onnx", work / f"trt_{bits}", a.trt_arch)})
+        if bits == "w4a8" and a.relax:
+            rows.append(_relaxed_row(q, work, macs, unet, a.threads))
     c, h, w = fp.sample_shape
     sessions = {}
     for i, r in enumerate(rows):
@@ -168,14 +173,52 @@ def main(argv=None) -> int:
             r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3),
                                     **{f"ms_per_image_{s}steps": round(s * ms / b, 2) for s in r["steps"]},
                                     **{f"images_per_s_{s}steps": round(1e3 * b / (s * ms), 3) for s in r["steps"]}}
+    if a.relax:
+        res_relax = _relax_latency(rows, a.relax, fp.scheduler_config)
     res = {"machine": f"{device_description(torch.device('cpu'))}, {a.threads} threads",
            "model": str(fp.path), "params": sum(p.numel() for p in unet.parameters()),
            "macs_per_call": sum(macs.values()), "onnxruntime": __import__("onnxruntime").__version__,
-           "torch": torch.__version__, "rows": rows}
+           "torch": torch.__version__, "rows": rows, **({"relax": res_relax} if a.relax else {})}
     if a.out:
         atomic_write_json(a.out, res, indent=1, sort_keys=False)
     print(markdown(res))
     return 0
+
+
+def _relaxed_row(q, work: Path, macs, unet, threads: int) -> dict:
+    """The relaxed engine of `build --relax-frac` (pipeline/relax.py): the W4A8 export without activation QDQ."""
+    from engines.onnxruntime import OrtConfig, build_ort_engine
+    from pqcad_export.export.onnx import export_unet
+    from pqcad_export.quantize.wrap import set_act_quant
+
+    r = copy.deepcopy(q)
+    set_act_quant(r.unet, False)
+    export_unet(r.unet, work / "w4a8_relaxed.onnx")
+    d = work / "ort_w4a8_relaxed"
+    build_ort_engine(work / "w4a8_relaxed.onnx", d, OrtConfig(mode="qdq", intra_op_threads=threads))
+    bw = bit_widths(r)
+    return {"precision": "W4A8, fp32 activations (relaxed engine)", "backend": "onnxruntime-cpu", "status": "executed",
+            "engine": d / "model.onnx", "steps": [50], "gbops": gbops(macs, bw), "weight_bytes": weight_bytes(unet, bw)}
+
+
+def _relax_latency(rows: list[dict], fracs: list[float], scheduler_config: dict) -> list[dict]:
+    """ms_per_image of the 50-step two-engine sampler: relaxed steps x the relaxed engine's per-call median +
+    the other steps x the INT8 engine's (both measured above, round-robin; the sampler's own overhead excluded)."""
+    from engines.relax import average_act_bits, relaxed_timesteps
+    from pqcad_export.pipeline.relax import RELAXED_ACT_BITS
+    from pqcad_export.sampling import ddim_timesteps
+
+    main = next(r for r in rows if r["precision"] == "W4A8" and r["status"] == "executed")
+    relaxed = next(r for r in rows if r["precision"].startswith("W4A8, fp32"))
+    grid = [int(t) for t in ddim_timesteps(scheduler_config, 50)]
+    out = []
+    for f in fracs:
+        n = len(relaxed_timesteps(grid, f, "x0"))
+        lat = {b: round((n * relaxed["latency"][b]["unet_ms_per_call"] + (50 - n) * v["unet_ms_per_call"]) / int(b), 2)
+               for b, v in main["latency"].items()}
+        out.append({"fraction": f, "where": "x0", "relaxed_steps": n, "steps": 50,
+                    "average_act_bits": average_act_bits(50, n, 8, RELAXED_ACT_BITS), "ms_per_image_by_batch": lat})
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -194,6 +237,14 @@ def markdown(res: dict) -> str:
                        f"{(r.get('engine_bytes') or 0) / 1e6:.2f} MB | {r['gbops']:.1f} | "
                        f"{'–' if b1 is None else f'{b1:.1f}'} | {'–' if ms is None else f'{ms:.0f} (B={big})'} | "
                        f"{'–' if ips is None else f'{ips:.2f}'} |")
+    if res.get("relax"):
+        out += ["", "| W4A8 student, 50 steps, relaxed fraction (x_0 end) | relaxed steps | average activation bits | "
+                "ms_per_image (batch 1) | ms_per_image (largest batch) |", "|---|---|---|---|---|"]
+        for r in res["relax"]:
+            lat = r["ms_per_image_by_batch"]
+            big = max(lat, key=int)
+            out.append(f"| {r['fraction']:g} | {r['relaxed_steps']} | {r['average_act_bits']:.2f} | "
+                       f"{lat.get('1', '–')} | {lat[big]} (B={big}) |")
     return "\n".join(out)
 
 

@@ -19,6 +19,10 @@ from ..cli import PRESETS, friendly, main
 @click.option("--calib-loss", default=None, type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]),
               help="distance between student outputs and C_DC (default em; swd = sliced EM for big batches)")
 @click.option("--lambda", "lam", default=None, type=float, help="weight of the calibration term of Eq. (8)")
+@click.option("--kd-weighting", default=None, type=click.Choice(["truncated_snr", "snr"]),
+              help="w(lambda_t) of Eq. (8): truncated_snr = max(SNR, 1) (paper, default); snr = the eps-space MSE, "
+                   "which keeps the noisiest steps from owning the gradient of an eps-predicting UNet "
+                   "(docs/RESULTS.md, CAD)")
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--iters", default=None, type=int, help="student updates (default: the preset's)")
 @click.option("--batch-size", default=None, type=int, help="training images per update (default: the preset's)")
@@ -30,7 +34,8 @@ from ..cli import PRESETS, friendly, main
 @click.option("--seed", default=None, type=int, help="random seed (default 0)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
-def distill(quantized, calib, out, calib_loss, lam, preset, iters, batch_size, model, data, device, seed, quiet):
+def distill(quantized, calib, out, calib_loss, lam, kd_weighting, preset, iters, batch_size, model, data, device, seed,
+            quiet):
     """Distill the quantized teacher into a quantized student that needs half the DDIM steps (CAD).
 
     Resumes from OUT/cad_checkpoint.pt after an interruption; writes the student in the quantized format
@@ -39,8 +44,8 @@ def distill(quantized, calib, out, calib_loss, lam, preset, iters, batch_size, m
     from ..distill import CadConfig
     from ..distill import distill as run
 
-    cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, iters=iters, batch_size=batch_size,
-                           dataset=data, seed=seed)
+    cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, kd_weighting=kd_weighting, iters=iters,
+                           batch_size=batch_size, dataset=data, seed=seed)
     student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet)
     log = json.loads((Path(out) / "cad_log.json").read_text())
     b, a = log["eval_before"], log["eval_after"]

@@ -268,9 +268,9 @@ class _Trainer:
 
     @torch.no_grad()
     def evaluate(self, eval_set) -> dict[str, Any]:
-        """Mean losses over the fixed eval batches, and the KD loss per timestep: the truncated-SNR weight makes
-        the step nearest x_0 dominate the mean (GPU run 2: the mean rose while the sample gap to the teacher
-        halved), so the per-step values are the ones to read."""
+        """Mean losses over the fixed eval batches, and the KD loss per timestep: with an eps-predicting UNet the
+        x-space error of the noisiest step (t = 999: ~100 of a mean of ~25, GPU run 3) dominates the mean, so the
+        per-step values are the ones to read."""
         tot = kd_s = cal_s = 0.0
         per_t: dict[str, float] = {}
         for j, kb in enumerate(eval_set):
