@@ -140,15 +140,16 @@ def test_only_does_not_rerun_what_a_finished_job_needed():
     assert set(sel) == {"eval-cad-w4a8-pq-em", "cad-w4a8-pq-em"}  # no calibration, CAD images or quantization
 
 
-def test_snr_weighted_students_get_their_weighting_and_others_keep_the_default():
+def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
     from types import SimpleNamespace
 
     jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
     ctx = SimpleNamespace(plan=results.PLANS["smoke"])
-    snr = jobs["cad-w4a8-pq-em-snr"]
-    assert snr.deps == ["quant-w4a8-pq", "calib-uniform", "cad-images"]
-    assert results._cad_config(ctx, snr.params["loss"], snr.params.get("kd_weighting")).kd_weighting == "snr"
+    lam10 = jobs["cad-w4a8-pq-em-lam10"]
+    assert lam10.deps == ["quant-w4a8-pq", "calib-uniform", "cad-images"]
+    cfg = results._cad_config(ctx, lam10.params["loss"], lam10.params.get("overrides"))
+    assert cfg.lam == 10.0 and cfg.calib_loss == "em"
     plain = jobs["cad-w4a8-pq-em"]
-    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("kd_weighting")).kd_weighting == \
-        "truncated_snr"
-    assert "eval-cad-w8a8-pq-none-snr" in jobs and "score-cad-w8a8-pq-none-snr" in jobs
+    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
+    assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
+    assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs

@@ -20,9 +20,9 @@ from ..cli import PRESETS, friendly, main
               help="distance between student outputs and C_DC (default em; swd = sliced EM for big batches)")
 @click.option("--lambda", "lam", default=None, type=float, help="weight of the calibration term of Eq. (8)")
 @click.option("--kd-weighting", default=None, type=click.Choice(["truncated_snr", "snr"]),
-              help="w(lambda_t) of Eq. (8): truncated_snr = max(SNR, 1) (paper, default); snr = the eps-space MSE, "
-                   "which keeps the noisiest steps from owning the gradient of an eps-predicting UNet "
-                   "(docs/RESULTS.md, CAD)")
+              help="w(lambda_t) of Eq. (8): truncated_snr = max(SNR, 1) (paper, default); snr = the eps-space MSE "
+                   "(with an eps-predicting UNet, max(SNR, 1) gives the noisiest steps most of the gradient; "
+                   "docs/RESULTS.md, CAD)")
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--iters", default=None, type=int, help="student updates (default: the preset's)")
 @click.option("--batch-size", default=None, type=int, help="training images per update (default: the preset's)")
