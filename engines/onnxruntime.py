@@ -447,6 +447,14 @@ class OrtEngine(Engine):
         known = set(OrtConfig.__dataclass_fields__)
         self.cfg = OrtConfig(**{k: (tuple(v) if k == "requant_max_ratio" else v) for k, v in opts.items()
                                 if k in known})
+        prec = self.info.precision or {}
+        if (prec.get("mode") == "int8" and "u8_weights" not in prec and self.cfg.u8_weights != "no"
+                and x86_without_vnni()):
+            from . import EngineError
+
+            raise EngineError(f"{engine_dir}: this INT8 engine keeps int8 weights (built on a CPU with VNNI); on this "
+                              "x86 CPU without VNNI its u8 x s8 kernels saturate and give wrong outputs: rebuild the "
+                              "engine on this machine")
         self.session = make_session(self.info.path, self.cfg)
         self._np_t = np.dtype(self.info.timestep_dtype)
 

@@ -64,6 +64,22 @@ def test_u8_weights_keep_the_math_and_avoid_int16_saturation(tmp_path):
     assert info.precision["u8_weights"] >= 10 and info.precision["requant_rel_l2"] < 0.15
 
 
+def test_int8_engine_with_s8_weights_is_refused_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    import engines.onnxruntime as ortmod
+
+    p = _conv_relu(tmp_path)
+    build_engine(p, tmp_path / "s8", "onnxruntime", ort_config=OrtConfig(u8_weights="no"))
+    man = json.loads((tmp_path / "s8" / "engine.json").read_text())
+    man["precision"].pop("u8_weights", None)  # as an engine built on a VNNI CPU records it
+    man["options"]["u8_weights"] = "auto"
+    (tmp_path / "s8" / "engine.json").write_text(json.dumps(man))
+    monkeypatch.setattr(ortmod, "x86_without_vnni", lambda: True)
+    with pytest.raises(EngineError, match="rebuild the engine on this machine"):
+        load_engine(tmp_path / "s8")
+    monkeypatch.setattr(ortmod, "x86_without_vnni", lambda: False)
+    assert load_engine(tmp_path / "s8") is not None  # a VNNI CPU runs it
+
+
 def test_ort_engine_manifest_latency_and_load(tmp_path):
     p = _conv_relu(tmp_path)
     info = build_engine(p, tmp_path / "eng", "onnxruntime")
