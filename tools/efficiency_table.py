@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         if a.trt_arch:
             rows.append({**common, **_trt_validate(work / f"{bits}.qdq.onnx", work / f"trt_{bits}", a.trt_arch)})
         if bits == "w4a8" and a.relax:
-            rows.append(_relaxed_row(q, work, macs, unet, a.threads))
+            rows.append(_relaxed_row(q, work, macs, unet))
     c, h, w = fp.sample_shape
     sessions = {}
     for i, r in enumerate(rows):
@@ -185,17 +185,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _relaxed_row(q, work: Path, macs, unet, threads: int) -> dict:
+def _relaxed_row(q, work: Path, macs, unet) -> dict:
     """The relaxed engine of `build --relax-frac` (pipeline/relax.py): the W4A8 export without activation QDQ."""
-    from engines.onnxruntime import OrtConfig, build_ort_engine
-    from pqcad_export.export.onnx import export_unet
+    from pqcad_export.pipeline.relax import relaxed_engine
     from pqcad_export.quantize.wrap import set_act_quant
 
+    d = work / "ort_w4a8_relaxed"
+    relaxed_engine(q, work / "w4a8_relaxed.onnx", d, "onnxruntime")
     r = copy.deepcopy(q)
     set_act_quant(r.unet, False)
-    export_unet(r.unet, work / "w4a8_relaxed.onnx")
-    d = work / "ort_w4a8_relaxed"
-    build_ort_engine(work / "w4a8_relaxed.onnx", d, OrtConfig(mode="qdq", intra_op_threads=threads))
     bw = bit_widths(r)
     return {"precision": "W4A8, fp32 activations (relaxed engine)", "backend": "onnxruntime-cpu", "status": "executed",
             "engine": d / "model.onnx", "steps": [50], "gbops": gbops(macs, bw), "weight_bytes": weight_bytes(unet, bw)}

@@ -33,23 +33,30 @@ def check_relax(frac: float, where: str) -> None:
 
 def build_relaxed_engine(root: str | Path, backend: str = "auto") -> dict[str, Any]:
     """Export root/student without activation QDQ to root/export/unet_relaxed.onnx and build root/engine_relaxed."""
+    from ..quantize import load_quantized
+
+    root = Path(root)
+    return relaxed_engine(load_quantized(root / "student"), root / RELAX_ONNX, root / RELAX_ENGINE, backend)
+
+
+def relaxed_engine(q, onnx_path: Path, engine_dir: Path, backend: str = "auto") -> dict[str, Any]:
+    """A copy of the quantized model `q` exported without activation QDQ and built (ORT: the graph as exported)."""
+    import copy
+
     from engines import EngineError, build_engine
     from engines.onnxruntime import OrtConfig
 
     from ..export.onnx import export_unet
-    from ..quantize import load_quantized
     from ..quantize.wrap import set_act_quant
 
-    root = Path(root)
-    q = load_quantized(root / "student")
-    set_act_quant(q.unet, False)
-    onnx_path = root / RELAX_ONNX
-    res = export_unet(q.unet, onnx_path, meta={"bits": f"w{q.bits.weight_bits}a{RELAXED_ACT_BITS}", "steps": q.steps,
-                                               "relaxed": "activation relaxing: no activation QDQ"})
+    unet = copy.deepcopy(q.unet)
+    set_act_quant(unet, False)
+    res = export_unet(unet, onnx_path, meta={"bits": f"w{q.bits.weight_bits}a{RELAXED_ACT_BITS}", "steps": q.steps,
+                                             "relaxed": "activation relaxing: no activation QDQ"})
     if res.n_act_qdq:
         raise PqcadError(f"relaxed export still has {res.n_act_qdq} activation QDQ pairs")
     try:
-        info = build_engine(onnx_path, root / RELAX_ENGINE, backend, ort_config=OrtConfig(mode="qdq"))
+        info = build_engine(onnx_path, engine_dir, backend, ort_config=OrtConfig(mode="qdq"))
     except EngineError as exc:
         raise PqcadError(f"relaxed engine: {exc}") from None
     return {"onnx": str(onnx_path), "backend": info.backend, "activation_qdq": res.n_act_qdq}
