@@ -16,6 +16,7 @@ MatMul/Gemm with quantized inputs still fuse into MatMulIntegerToFloat).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -182,6 +183,7 @@ def _u8_activations(model: onnx.ModelProto) -> int:
     return changed
 
 
+@functools.lru_cache(maxsize=1)
 def x86_without_vnni() -> bool:
     """True on an x86 CPU whose flags (Linux /proc/cpuinfo) show no VNNI / AMX-INT8 dot-product instructions."""
     import platform

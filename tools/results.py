@@ -582,7 +582,8 @@ def select_jobs(jobs: dict[str, Job], patterns: list[str], is_done=lambda name: 
                 rank[n] = i
                 if not is_done(n):
                     stack.extend(jobs[n].deps)
-    return {n: jobs[n] for n in sorted(rank, key=lambda n: (rank[n], list(jobs).index(n)))}
+    order = {n: i for i, n in enumerate(jobs)}
+    return {n: jobs[n] for n in sorted(rank, key=lambda n: (rank[n], order[n]))}
 
 
 def _blocked(jobs: dict[str, Job], states: dict[str, str]) -> set[str]:
