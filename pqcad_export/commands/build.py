@@ -34,6 +34,10 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--recon-loss", default="block", show_default=True, type=click.Choice(["block", "fbr"]),
               help="quant: block (BRECQ) or fbr (EDA-DM: + gamma * layer-wise losses)")
 @click.option("--qdrop", default=None, type=float, help="quant: QDrop probability P during LSQ")
+@click.option("--quant-iters", default=None, type=int,
+              help="quant: AdaRound iterations per block, the budget PQ splits (default: the preset's; paper 20000)")
+@click.option("--act-iters", default=None, type=int, help="quant: LSQ iterations per block (default: the preset's)")
+@click.option("--distill-iters", default=None, type=int, help="CAD: student updates (default: the preset's)")
 @click.option("--relax-frac", default=None, type=float,
               help="compare: also PCR activation relaxing, this fraction (0.05-0.2, PCR: 0.1) of the steps on an "
                    "engine without activation QDQ")
@@ -45,22 +49,29 @@ from ..cli import MODEL_HELP, friendly, main
 @friendly
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, teacher_steps, student_steps, backend,
           device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet, recon_loss="block",
-          qdrop=None, relax_frac=None, relax_where="x0"):
+          qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None, distill_iters=None):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
     Rerunning the same command skips finished stages; an interrupted stage resumes from its checkpoint.
     """
     from ..bits import parse_bits
+    from ..errors import UsageError
     from ..pipeline.build import BuildConfig, run_build
     from ..pipeline.summary import print_summary
 
     spec = parse_bits(bits)  # fail on a bad --bits before anything is created
+    for flag, v in (("--quant-iters", quant_iters), ("--act-iters", act_iters), ("--distill-iters", distill_iters)):
+        if v is not None and v < 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}")
+    budget = {"quant": {k: v for k, v in (("iters", quant_iters), ("act_iters", act_iters)) if v is not None},
+              "student": {"iters": distill_iters} if distill_iters is not None else {}}
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
                       calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
                       student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples,
                       latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
-                      recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where)
+                      recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
+                      overrides={k: v for k, v in budget.items() if v})
     print_summary(run_build(cfg))

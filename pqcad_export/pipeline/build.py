@@ -44,7 +44,7 @@ class BuildConfig:
     resume: bool = True
     quiet: bool = False
     stop_after: Optional[str] = None         # run stages up to and including this one (debugging, tests)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-stage config overrides (tests)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-stage config overrides (budgets, tests)
     recon_loss: str = "block"                # quant: block | fbr (EDA-DM fine-grained block reconstruction)
     qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
     relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
