@@ -141,6 +141,7 @@ def test_kill_during_quantization_then_resume(tiny_attn_unet_dir, tmp_path):
     (["build", "--bits", "w3x8"], "unsupported --bits"),
     (["build", "--bits", "w4a8", "--backend", "cuda-magic"], "unknown backend"),
     (["build", "--bits", "w4a8", "--model", "/nonexistent/model"], "does not exist"),
+    (["build", "--bits", "w4a8", "--quant-iters", "-5"], "--quant-iters must be >= 0"),
 ])
 def test_bad_input_one_line(argv, msg, tmp_path):
     res = CliRunner().invoke(main, [*argv, "--out", str(tmp_path / "r")])
@@ -148,6 +149,25 @@ def test_bad_input_one_line(argv, msg, tmp_path):
     assert msg in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_budget_options_reach_the_stage_configs(monkeypatch, tmp_path):
+    """--quant-iters / --act-iters / --distill-iters become the quant and student stage overrides (the preset's
+    algorithm with a stated budget); unset ones stay the preset's."""
+    import pqcad_export.pipeline.build as pbuild
+    import pqcad_export.pipeline.summary as psummary
+
+    seen = []
+    monkeypatch.setattr(pbuild, "run_build", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(psummary, "print_summary", lambda summary: None)
+    res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--preset", "paper", "--quant-iters", "800",
+                                    "--distill-iters", "1000", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert seen[0].overrides == {"quant": {"iters": 800}, "student": {"iters": 1000}}
+    from pqcad_export.quantize import ReconConfig
+
+    rcfg = ReconConfig.preset("paper", **seen[0].overrides["quant"])
+    assert (rcfg.iters, rcfg.act_iters) == (800, ReconConfig.preset("paper").act_iters)
 
 
 def test_tensorrt_requested_but_absent(tmp_path):

@@ -153,3 +153,17 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
     assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
+
+
+def test_collect_keeps_rows_of_jobs_outside_this_runs_selection(tmp_path):
+    # an --only run writes plan.json with its selection; collect must still report the work dir's earlier rows
+    work = tmp_path / "w"
+    for name, fid in (("score-quant-w4a8-pq-pcr", 35.5), ("score-cad-w8a8-pq-kl", 32.0)):
+        (work / "jobs" / name).mkdir(parents=True)
+        (work / "jobs" / name / "done.json").write_text(json.dumps({"fid": fid}))
+    (work / "jobs" / "score-fp32-50").mkdir()  # started, never finished: not a row
+    (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": ["score-quant-w4a8-pq-pcr"]}))
+    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    got = json.loads((tmp_path / "c" / "results.json").read_text())["jobs"]
+    assert got == {"score-quant-w4a8-pq-pcr": {"status": "done", "fid": 35.5},
+                   "score-cad-w8a8-pq-kl": {"status": "done", "fid": 32.0}}

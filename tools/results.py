@@ -660,7 +660,9 @@ def cmd_collect(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plan = json.loads((work / "plan.json").read_text())
     res: dict[str, Any] = {"plan": plan["plan"], "jobs": {}}
-    for n in plan["jobs"]:
+    # every job of the work dir, not only this run's selection (an --only run would drop earlier rows)
+    names = list(plan["jobs"]) + sorted(d.name for d in (work / "jobs").glob("*") if d.name not in plan["jobs"])
+    for n in names:
         d = work / "jobs" / n
         if (d / "done.json").is_file():
             res["jobs"][n] = {"status": "done", **json.loads((d / "done.json").read_text())}

@@ -30,11 +30,7 @@ W=/tmp/res
 R=/tmp/repo
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/fid /tmp/fm
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site
+source "$(dirname "$0")/device_wheels.sh"
 [ -f .gpu/w1/part1 ] && cp .gpu/w1/part1 /tmp/fid/part1
 [ -f .gpu/w2/part2 ] && cp .gpu/w2/part2 /tmp/fid/part2
 if [ -f /tmp/fid/part1 ] && [ -f /tmp/fid/part2 ] && [ ! -f /tmp/fid/default_1.pt ]; then

@@ -56,17 +56,15 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write the timing here (also printed)")
     a = ap.parse_args()
 
-    from pqcad_export.pipeline.build import BuildConfig, run_build
+    from pqcad_export.pipeline.build import BuildConfig, budget_overrides, run_build
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model = None if a.model == "teacher" else str(cifar_model_dir(out.parent, a.seed)) if a.model == "cifar10-32" \
         else a.model
-    budget = {"quant": {k: v for k, v in (("iters", a.quant_iters), ("act_iters", a.act_iters)) if v is not None},
-              "student": {"iters": a.distill_iters} if a.distill_iters is not None else {}}
     cfg = BuildConfig(bits=a.bits, model=model, out=str(out / "run"), preset=a.preset, backend=a.backend,
                       device=a.device, seed=a.seed, samples=a.samples, no_fid=True, quiet=True,
-                      overrides={k: v for k, v in budget.items() if v})
+                      overrides=budget_overrides(a.quant_iters, a.act_iters, a.distill_iters))
     t0 = time.time()
     summary = run_build(cfg)
     stages = {r["stage"]: r["seconds"] for r in summary["stages"]}
@@ -93,4 +91,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pqcad_export.errors import PqcadError
+
+    try:
+        sys.exit(main())
+    except PqcadError as exc:  # one line, like the CLI
+        sys.exit(f"error: {exc}")

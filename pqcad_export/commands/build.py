@@ -56,16 +56,10 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, tea
     Rerunning the same command skips finished stages; an interrupted stage resumes from its checkpoint.
     """
     from ..bits import parse_bits
-    from ..errors import UsageError
-    from ..pipeline.build import BuildConfig, run_build
+    from ..pipeline.build import BuildConfig, budget_overrides, run_build
     from ..pipeline.summary import print_summary
 
     spec = parse_bits(bits)  # fail on a bad --bits before anything is created
-    for flag, v in (("--quant-iters", quant_iters), ("--act-iters", act_iters), ("--distill-iters", distill_iters)):
-        if v is not None and v < 0:
-            raise UsageError(f"{flag} must be >= 0, got {v}")
-    budget = {"quant": {k: v for k, v in (("iters", quant_iters), ("act_iters", act_iters)) if v is not None},
-              "student": {"iters": distill_iters} if distill_iters is not None else {}}
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
                       calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
@@ -73,5 +67,5 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, tea
                       latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
-                      overrides={k: v for k, v in budget.items() if v})
+                      overrides=budget_overrides(quant_iters, act_iters, distill_iters))
     print_summary(run_build(cfg))

@@ -68,6 +68,18 @@ class BuildConfig:
         return bits
 
 
+def budget_overrides(quant_iters: Optional[int] = None, act_iters: Optional[int] = None,
+                     distill_iters: Optional[int] = None) -> dict[str, dict[str, Any]]:
+    """BuildConfig.overrides for an iteration budget (the preset's algorithm, fewer iterations); None keeps the
+    preset's value."""
+    for flag, v in (("--quant-iters", quant_iters), ("--act-iters", act_iters), ("--distill-iters", distill_iters)):
+        if v is not None and v < 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}")
+    quant = {k: v for k, v in (("iters", quant_iters), ("act_iters", act_iters)) if v is not None}
+    student = {"iters": distill_iters} if distill_iters is not None else {}
+    return {k: v for k, v in (("quant", quant), ("student", student)) if v}
+
+
 def _say(cfg: BuildConfig, msg: str) -> None:
     if not cfg.quiet:
         from rich.console import Console
