@@ -33,6 +33,8 @@ def test_job_graph_is_closed_and_acyclic(plan):
     for b in results.BITS:
         for key, _ in results.ROW_LABELS:
             assert f"score-{key.format(b=b)}" in jobs
+    for key, _ in results.ABLATION_LABELS:
+        assert f"score-{key}" in jobs
 
 
 def test_tables_render_measured_values_and_mark_missing(tmp_path):
@@ -153,6 +155,8 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
     assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
+    pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher
+    assert pcr.deps == ["quant-w4a8-pq-pcr", "calib-uniform", "cad-images"] and pcr.params["quant"] == pcr.deps[0]
 
 
 def test_collect_keeps_rows_of_jobs_outside_this_runs_selection(tmp_path):
