@@ -170,6 +170,28 @@ def test_budget_options_reach_the_stage_configs(monkeypatch, tmp_path):
     assert (rcfg.iters, rcfg.act_iters) == (800, ReconConfig.preset("paper").act_iters)
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_the_block_progress_without_changing_the_quant_key(quiet, tiny_unet_dir, tmp_path,
+                                                                           monkeypatch):
+    import pqcad_export.quantize as quantize
+
+    seen = []
+
+    def fake_quantize(teacher, batches, bits, method, rcfg, device, **kw):
+        seen.append(rcfg)
+        raise KeyboardInterrupt  # stop the build here; the stage is recorded as failed
+
+    monkeypatch.setattr(quantize, "quantize_model", fake_quantize)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(tiny_cfg(tiny_unet_dir, tmp_path / "r", quiet=quiet))
+    assert seen[0].progress is (not quiet)
+    key = json.loads((tmp_path / "r" / "run.json").read_text())["stages"]["quant"]["key"]
+    monkeypatch.setattr(quantize, "quantize_model", fake_quantize)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(tiny_cfg(tiny_unet_dir, tmp_path / "r", quiet=not quiet))
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["stages"]["quant"]["key"] == key
+
+
 def test_tensorrt_requested_but_absent(tmp_path):
     pytest.importorskip("pqcad_export")
     try:

@@ -152,7 +152,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     # 2. quantization (PQ by default)
     from ..quantize import ReconConfig, quantize_model, save_quantized
 
-    rcfg = ReconConfig.preset(cfg.preset, **qover)
+    # --quiet silences the per-block bars too (progress is not part of the stage key)
+    rcfg = ReconConfig.preset(cfg.preset, **{**qover, **({"progress": False} if cfg.quiet else {})})
     quant_dir = run.path("quant")
 
     def do_quant():
