@@ -171,3 +171,16 @@ def test_collect_keeps_rows_of_jobs_outside_this_runs_selection(tmp_path):
     got = json.loads((tmp_path / "c" / "results.json").read_text())["jobs"]
     assert got == {"score-quant-w4a8-pq-pcr": {"status": "done", "fid": 35.5},
                    "score-cad-w8a8-pq-kl": {"status": "done", "fid": 32.0}}
+
+
+def test_collect_copies_each_jobs_own_log(tmp_path):
+    work = tmp_path / "w"
+    for name, files in (("quant-w4a8-pq", {"quant_log.json": "q"}),
+                        ("cad-w4a8-pq-em", {"quant_log.json": "teacher's", "cad_log.json": "c"})):
+        (work / "jobs" / name).mkdir(parents=True)
+        for f, text in files.items():
+            (work / "jobs" / name / f).write_text(json.dumps(text))
+    (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": ["quant-w4a8-pq"]}))
+    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "quant-w4a8-pq.log.json").read_text()) == "q"
+    assert json.loads((tmp_path / "c" / "cad-w4a8-pq-em.log.json").read_text()) == "c"

@@ -693,13 +693,11 @@ def cmd_collect(args) -> int:
                                for r in rows])
         save_grid(imgs, out / "samples_rows.png", nrow=12)
         _write_json(out / "samples_rows.json", {"rows_top_to_bottom": rows})
-    for n in names:  # each quantization's and CAD student's own log (a CAD dir also holds its teacher's quant_log)
-        log = work / "jobs" / n / "quant_log.json"
-        if n.startswith("quant-") and log.is_file():
-            (out / f"{n}.log.json").write_bytes(log.read_bytes())
+    # each quantization's and CAD student's own log (a CAD dir also holds its teacher's quant_log.json)
+    own_log = {"quant-": "quant_log.json", "cad-": "cad_log.json"}
     for n in names:
-        log = work / "jobs" / n / "cad_log.json"
-        if n.startswith("cad-") and log.is_file():
+        log = next((work / "jobs" / n / f for pre, f in own_log.items() if n.startswith(pre)), None)
+        if log is not None and log.is_file():
             (out / f"{n}.log.json").write_bytes(log.read_bytes())
     print(json.dumps({n: j.get("status") for n, j in res["jobs"].items()}))
     return 0
