@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, alone or next to tools/results_device.sh: times a whole `build` (tools/time_build.py;
-# default a CIFAR-size UNet) in the background so that it can span several <= 10 min device calls while the machine
-# stays warm. Each call: installs the carried wheels (.whl/) once, starts the build once,
-# then copies what it wrote so far (timing JSON once finished, log, the run's run.json with per-stage seconds) to
-# $OUT. Runs at nice 10 with one CPU thread, like the scheduler's jobs; the timing is taken next to whatever else
-# the GPU runs (say so where it is quoted).
-# Usage (device, repository root): bash tools/time_build_device.sh [time_build.py args]  (& then results_device.sh)
+# On the lent GPU machine: times whole `build`s (tools/time_build.py) in the background so that they can span
+# several <= 10 min device calls while the machine stays warm. Each call:
+#   - installs the carried wheels (.whl/) once;
+#   - with arguments, starts the build NAME once (later calls' arguments are ignored), in its own session, at nice 10
+#     with THREADS CPU threads (default 4; use 1 next to tools/results_device.sh, whose jobs want the cores);
+#   - waits up to WAIT seconds (default 0) until every build started on this machine has ended;
+#   - copies what each build wrote so far to $OUT as time_build_NAME.{json,log} and time_build_NAME_run.json
+#     (the run's run.json with per-stage seconds; the timing JSON once that build finished).
+# Usage (device, repository root):
+#   NAME=cifar bash tools/time_build_device.sh --model cifar10-32 --device cuda ...   # start (and collect)
+#   WAIT=560 bash tools/time_build_device.sh                                          # wait and collect
+# Builds started side by side share the GPU and CPU: say so where their seconds are quoted.
 set -u
 OUT=${OUT:-/tmp/out}
-TB=/tmp/tb
-mkdir -p "$OUT" "$TB"
+NAME=${NAME:-cifar}
+THREADS=${THREADS:-4}
+WAIT=${WAIT:-0}
+T0=$(date +%s)
+mkdir -p "$OUT"
 source "$(dirname "$0")/device_wheels.sh"
-if [ ! -f "$TB/started" ]; then
-  touch "$TB/started"
-  mkdir -p "$TB/repo" && cp -r pqcad_export calibration engines tools pyproject.toml "$TB/repo"/
-  # its own session (setsid), so that it outlives this call like results_device.sh's scheduler
-  setsid nohup bash -c 'cd /tmp/tb/repo && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 \
-      python3 tools/time_build.py --out /tmp/tb/build --json /tmp/tb/time_build.json "$@"
+TB=/tmp/tb_$NAME
+if [ $# -gt 0 ] && [ ! -f "$TB/started" ]; then
+  mkdir -p "$TB/repo" && touch "$TB/started"
+  cp -r pqcad_export calibration engines tools pyproject.toml "$TB/repo"/
+  # its own session (setsid), so that it outlives this call
+  setsid nohup env TB="$TB" THREADS="$THREADS" bash -c 'cd "$TB/repo" && OMP_NUM_THREADS=$THREADS \
+      MKL_NUM_THREADS=$THREADS nice -n 10 python3 tools/time_build.py --out "$TB/build" --json "$TB/time_build.json" "$@"
     echo "exit $?"' time_build "$@" > "$TB/log" 2>&1 < /dev/null &
 fi
-cp "$TB/log" "$OUT/time_build.log" 2>/dev/null
-cp "$TB/time_build.json" "$OUT/" 2>/dev/null
-cp "$TB/build/run/run.json" "$OUT/time_build_run.json" 2>/dev/null
+running() {  # names of started builds whose log has no "exit" line yet
+  for d in /tmp/tb_*/; do
+    [ -f "$d/started" ] && ! grep -q '^exit ' "$d/log" 2>/dev/null && basename "$d"
+  done
+}
+while [ -n "$(running)" ] && [ $(( $(date +%s) - T0 )) -lt "$WAIT" ]; do sleep 10; done
+for d in /tmp/tb_*/; do
+  n=$(basename "$d"); n=${n#tb_}
+  cp "$d/log" "$OUT/time_build_$n.log" 2>/dev/null
+  cp "$d/time_build.json" "$OUT/time_build_$n.json" 2>/dev/null
+  cp "$d/build/run/run.json" "$OUT/time_build_${n}_run.json" 2>/dev/null
+done
+echo "still running: $(running | tr '\n' ' ')"
 true
