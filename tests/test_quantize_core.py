@@ -98,6 +98,31 @@ def test_lsq_forward_range_and_gradient_scale():
     assert torch.equal(q(x), x)
 
 
+def test_act_calibration_subsample_sees_the_whole_image():
+    """The recorded subsample must not alias with the NCHW layout: here a stride pick (numel / budget = 16 = W)
+    would keep only column 0, whose activations are 10x smaller than the rest of the image."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 16, 16, 16, generator=g)
+    x[..., 0] *= 0.1
+    q = ActQuantizer(8)
+    q.max_samples = 16384  # budget per call: 4096 of 65536 elements
+    q.calibrating = True
+    q(x)
+    q.init_from_data()
+    full = ActQuantizer(8)
+    full.max_samples = 1 << 20
+    full.calibrating = True
+    full(x)
+    full.init_from_data()
+    assert 0.7 < q.step() / full.step() < 1.3
+    # deterministic: the same data gives the same step
+    q2 = ActQuantizer(8)
+    q2.max_samples, q2.calibrating = 16384, True
+    q2(x)
+    q2.init_from_data()
+    assert q2.step() == q.step()
+
+
 @pytest.mark.parametrize("bits", ["w8a8", "w4a8"])
 def test_wrap_grid_levels_and_first_last_bits(bits):
     spec = parse_bits(bits)
