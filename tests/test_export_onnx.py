@@ -83,7 +83,9 @@ def test_rtx_builds_sm89_with_int8_layers(exported, tmp_path):
     info = build_trt_engine(res.path, tmp_path / "eng", TrtConfig(compute_capability="SM89", max_batch=4,
                                                                   opt_batch=2), "tensorrt-rtx")
     counts = info.precision["quantized_layers"]
-    assert counts["float"] == 0 and counts["int8"] == len(res.expected), counts
+    fp_in = [e for e in res.expected if not e["act"]]  # conv_in / conv_out: int8 weights, FP inputs (wrap.py)
+    assert {e["layer"] for e in fp_in} == {"conv_in", "conv_out"}
+    assert counts["float"] == len(fp_in) and counts["int8"] == len(res.expected) - len(fp_in), counts
     man = json.loads((tmp_path / "eng" / "engine.json").read_text())
     assert man["validated"] is True and man["executed"] is False and man["device"] == "aot:SM89"
     assert (tmp_path / "eng" / "unet.plan").stat().st_size > 10_000

@@ -147,8 +147,16 @@ def test_wrap_grid_levels_and_first_last_bits(bits):
         assert s.shape == (wi.shape[0],) and (s > 0).all()
         shape = [-1] + [1] * (wi.dim() - 1)
         assert torch.equal(m.weight, wi.float() * s.view(shape))
-        assert m.act_quant_enabled and m.act_bits == 8
-        assert all(v > 0 for v in m.act_scales())
+        # conv_in / conv_out inputs stay FP unless io_act_quant (wrap.py says why)
+        assert m.act_quant_enabled == (name not in ("conv_in", "conv_out")) and m.act_bits == 8
+        if m.act_quant_enabled:
+            assert all(v > 0 for v in m.act_scales())
+
+
+def test_io_act_quant_quantizes_the_first_and_last_inputs():
+    unet = make_tiny_unet()
+    wrap_unet(unet, parse_bits("w8a8"), io_act_quant=True)
+    assert all(m.act_quant_enabled for _, m in quant_layers(unet))
 
 
 def test_weight_only_disables_activation_quantizers():

@@ -69,6 +69,7 @@ class ReconConfig:
     act_init: str = "mse"       # "mse" | "percentile"
     attn_matmul_quant: bool = False  # also quantize q, k, v and softmax output of attention
     first_last_bits: Optional[int] = 8
+    io_act_quant: bool = False  # also quantize the inputs of conv_in (x_t) and conv_out (wrap.py says why not)
     capture_batch_size: int = 64
     max_calib: Optional[int] = None  # use at most this many calibration inputs
     seed: int = 0
@@ -551,7 +552,7 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     fp = fp.to(device).float().eval()
     fp.requires_grad_(False)
     qmodel = copy.deepcopy(fp)
-    wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant)
+    wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant, cfg.io_act_quant)
     qmodel.requires_grad_(False)
     units = find_units(fp, _calib_batch(calib, slice(0, 2)))  # same module names; FP avoids lazy inits
 
@@ -601,7 +602,8 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     meta = {"bits": bits.name, "method": method, "steps": 100, "scheduler_config": dict(loaded.scheduler_config),
             "unet_config": _unet_config(fp), "class_name": loaded.class_name,
             "source_fingerprint": loaded.fingerprint, "first_last_bits": cfg.first_last_bits,
-            "attn_matmul_quant": cfg.attn_matmul_quant, "layers": layer_specs(qmodel),
+            "attn_matmul_quant": cfg.attn_matmul_quant, "io_act_quant": cfg.io_act_quant,
+            "layers": layer_specs(qmodel),
             "calibration": {"n": int(calib["sample"].shape[0]), "hash": key["calib"]}}
     return QuantizedModel(unet=qmodel, bits=bits, method=method, meta=meta, log=log)
 

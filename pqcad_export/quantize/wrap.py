@@ -1,5 +1,9 @@
 """Replace Conv2d / Linear of a diffusers UNet by quantized wrappers (in place), and rebuild that structure
-from a saved spec. conv_in / conv_out keep 8-bit weights unless `first_last_bits=None`."""
+from a saved spec. conv_in / conv_out keep 8-bit weights unless `first_last_bits=None`, and FP inputs unless
+`io_act_quant=True`: x_t entering conv_in and the features entering conv_out (whose output is the noise
+prediction itself) carry the error straight into every sampling step. Q-Diffusion leaves the network output
+unquantized and NVIDIA ModelOpt's diffusers recipe keeps both layers out of INT8; on the built-in teacher
+quantizing these two inputs at 8 bits tripled the W8A8 sample error (docs/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -46,20 +50,20 @@ def split_points(unet: nn.Module) -> dict[str, int]:
 
 
 def wrap_unet(unet: nn.Module, bits: BitSpec, first_last_bits: Optional[int] = 8,
-              attn_matmul_quant: bool = False) -> dict[str, dict]:
+              attn_matmul_quant: bool = False, io_act_quant: bool = False) -> dict[str, dict]:
     """Quantize-wrap every Conv2d / Linear in place; returns {module name: spec} (see layers.spec())."""
-    act_on = bits.quantize_activations
     splits = split_points(unet)
     targets = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     for name, mod in targets:
         wb = first_last_bits if (name in FIRST_LAST and first_last_bits) else bits.weight_bits
+        act_on = bits.quantize_activations and (io_act_quant or name not in FIRST_LAST)
         if isinstance(mod, nn.Conv2d):
             new = SplitQuantConv2d(mod, splits[name], wb, bits.act_bits, act_on) if name in splits \
                 else QuantConv2d(mod, wb, bits.act_bits, act_on)
         else:
             new = QuantLinear(mod, wb, bits.act_bits, act_on)
         _set_module(unet, name, new)
-    if attn_matmul_quant and act_on:
+    if attn_matmul_quant and bits.quantize_activations:
         for name, mod in list(unet.named_modules()):
             if hasattr(mod, "set_processor") and hasattr(mod, "processor") and \
                     not isinstance(mod.processor, QuantAttnProcessor):
