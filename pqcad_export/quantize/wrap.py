@@ -3,7 +3,7 @@ from a saved spec. conv_in / conv_out keep 8-bit weights unless `first_last_bits
 `io_act_quant=True`: x_t entering conv_in and the features entering conv_out (whose output is the noise
 prediction itself) carry the error straight into every sampling step. Q-Diffusion leaves the network output
 unquantized and NVIDIA ModelOpt's diffusers recipe keeps both layers out of INT8; on the built-in teacher
-quantizing these two inputs at 8 bits tripled the W8A8 sample error (docs/RESULTS.md)."""
+quantizing these two inputs at 8 bits made the W8A8 sample error 2.2x larger (docs/RESULTS.md)."""
 
 from __future__ import annotations
 
