@@ -33,7 +33,9 @@ def test_int4_weight_only_matmul_export(tmp_path):
     info = build_trt_engine(res.path, tmp_path / "eng", TrtConfig(compute_capability="SM89", max_batch=2,
                                                                   opt_batch=1), "tensorrt-rtx")
     c = info.precision["quantized_layers"]
-    assert c["int4_weight_only"] == res.n_int4_weights and c["float"] == 0
+    fp_in = [e["layer"] for e in res.expected if e["weight"] == "int8" and not e["act"]]  # FP inputs (wrap.py)
+    assert c["int4_weight_only"] == res.n_int4_weights and sorted(fp_in) == ["conv_in", "conv_out"]
+    assert c["float"] == len(fp_in)
     par = check_parity(res.path, q, ParityConfig(timesteps=(500,), batch=2))
     assert par.ok, par.notes
 
@@ -90,5 +92,7 @@ def test_conditional_unet_export(tmp_path):
 
         info = build_trt_engine(res.path, tmp_path / "eng", TrtConfig(compute_capability="SM86", max_batch=2,
                                                                       opt_batch=1), "tensorrt-rtx")
-        assert info.precision["quantized_layers"]["float"] == 0
+        fp_in = [e["layer"] for e in res.expected if not e["act"]]  # conv_in / conv_out inputs stay FP
+        assert sorted(fp_in) == ["conv_in", "conv_out"]
+        assert info.precision["quantized_layers"]["float"] == len(fp_in)
         assert "encoder_hidden_states" in info.input_names
