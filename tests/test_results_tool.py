@@ -118,6 +118,17 @@ def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
     assert results._state(tmp_path, "quant-w4a8-pq") == "todo"
 
 
+def test_scheduler_records_its_own_pid_before_doing_anything(tmp_path):
+    """results_device.sh tells a live scheduler by this file (a shell's `$!` through setsid can name another pid)."""
+    import os
+
+    rc = results.main(["run", "--work", str(tmp_path / "w"), "--plan", "smoke", "--until", "1e-9",
+                       "--only", "quant-w4a8-pq"])
+    assert rc == 0
+    assert (tmp_path / "w" / "scheduler.pid").read_text() == str(os.getpid())
+    assert not (tmp_path / "w" / "jobs").exists()  # the deadline passed before any job started
+
+
 def test_tables_merge_runs_later_wins_but_keeps_earlier_done(tmp_path):
     run1 = {"score-fp32-100": {"status": "done", "fid": 7.04, "fid_to_fp32": 0.0, "sfid": 32.7, "precision": 0.6,
                                "recall": 0.7, "steps": 100},

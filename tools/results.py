@@ -491,6 +491,10 @@ def _gpus() -> list[str]:
 
 def cmd_run(args) -> int:
     work = Path(args.work)
+    # the scheduler's own pid, for a caller that must tell whether it still runs: the `$!` of a shell that started
+    # it through setsid names setsid's parent when setsid has to fork (run 6 thus started a second scheduler)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "scheduler.pid").write_text(str(os.getpid()))
     plan = PLANS[args.plan]
     gpus = _gpus()
     jobs = select_jobs(build_jobs(plan, timing=args.timing and gpus != ["cpu"] and len(gpus) > 1), args.only,

@@ -10,9 +10,11 @@
 #   - waits SECS seconds (default 400) or until the scheduler ends, then returns under $OUT: collect.tgz
 #     (results.json, figures, logs), work.tgz.* (models and checkpoints, no samples; PACK=0 skips it) and sched.log.
 # Usage (from the repository root, on the device): SECS=400 bash tools/results_device.sh [--only PATTERN ...]
-# SECS is the wait, not the call: with training jobs on all 16 cores, status + collect + pack took 150-200 s in run 3
-# (both SECS=530 and SECS=400 calls hit the 600 s limit), so keep SECS <= 400 while jobs train, and PACK=0 in a last
-# call whose results arrive in collect.tgz.
+# SECS is the wait, not the call: status, collect and pack follow, each under a timeout (60 + 120 + 120 s at most;
+# the jobs run at nice 10, so they take seconds). Run 3 and run 6 calls with SECS=330-530 hit the 600 s limit while
+# the jobs ran at normal priority; keep SECS <= 450, and PACK=0 in a last call whose results arrive in collect.tgz.
+# A call without arguments continues the last selection; with arguments it replaces the scheduler (jobs it started
+# run on).
 #
 # Preparing the carried folders here (all gitignored; the device has torch but no diffusers/POT and no network):
 #   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 \
@@ -25,6 +27,7 @@
 set -u
 SECS=${SECS:-400}
 PACK=${PACK:-1}
+PLAN=${PLAN:-gpu}   # smoke: the same calls at CPU-test scale (a dry run of this script off the device)
 T0=$(date +%s)
 W=/tmp/res
 R=/tmp/repo
@@ -42,22 +45,33 @@ if [ ! -d "$W" ] && ls .gpu/pack/work.tgz.* >/dev/null 2>&1; then
 fi
 # refreshed every call: jobs started from now on run this checkout's code (running ones keep theirs)
 mkdir -p "$R" && cp -r pqcad_export calibration engines tools pyproject.toml "$R"/
-running() { [ -f /tmp/sched.pid ] && kill -0 "$(cat /tmp/sched.pid)" 2>/dev/null; }
-if running && [ $# -gt 0 ]; then kill "$(cat /tmp/sched.pid)"; sleep 1; fi
+# the scheduler writes its own pid ($W/scheduler.pid); a call without arguments continues the last selection
+# (remembered in /tmp/sched.args) and never falls back to the whole graph
+running() { [ -f "$W"/scheduler.pid ] && kill -0 "$(cat "$W"/scheduler.pid)" 2>/dev/null; }
+if [ $# -gt 0 ]; then
+  printf '%s\n' "$@" > /tmp/sched.args
+  running && { kill "$(cat "$W"/scheduler.pid)"; sleep 1; }
+elif [ -f /tmp/sched.args ]; then
+  mapfile -t ARGS < /tmp/sched.args; set -- "${ARGS[@]}"
+fi
 if ! running; then
-  (cd "$R" && setsid nohup python3 tools/results.py run --work "$W" --plan gpu --weights /tmp/fid/default_1.pt \
-     --data /tmp/fm --detach-children "$@" >> /tmp/sched.log 2>&1 & echo $! > /tmp/sched.pid)
-  sleep 2
+  # jobs run niced so that this script's status / collect / pack stay quick next to 16 busy cores
+  (cd "$R" && setsid nohup nice -n 10 python3 tools/results.py run --work "$W" --plan "$PLAN" \
+     --weights /tmp/fid/default_1.pt --data /tmp/fm --detach-children "$@" >> /tmp/sched.log 2>&1 &)
+  for _ in $(seq 30); do running && break; sleep 1; done
+  running || { echo "the scheduler did not start:"; tail -20 /tmp/sched.log; }
 fi
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
 while [ $(( $(date +%s) - T0 )) -lt "$SECS" ] && running; do sleep 10; done
-nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
-python3 "$R"/tools/results.py status --work "$W"
-python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null && tar czf "$OUT"/collect.tgz -C /tmp collect
 cp /tmp/sched.log "$OUT"/sched.log
+nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+timeout 60 python3 "$R"/tools/results.py status --work "$W"
+timeout 120 python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null \
+  && tar czf "$OUT"/collect.tgz -C /tmp collect
 # models, checkpoints and finished records; not samples/features (evaluations rerun), the reference features
-# (140 MB, recomputed in about 70 s) nor calibration sets and CAD images (seeded, redrawn in seconds)
-[ "$PACK" = 1 ] && tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' \
-  --exclude='jobs/cad-images' --exclude='pid' --exclude='cad_train_images.safetensors' . \
+# (140 MB, recomputed in about 70 s) nor calibration sets (seeded, redrawn in 30 s); the CAD images stay (seeded too,
+# but 280 s to draw, and every CAD job waits for them)
+[ "$PACK" = 1 ] && timeout 120 tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' \
+  --exclude='pid' --exclude='scheduler.pid' --exclude='jobs/cad-w*/cad_train_images.safetensors' . \
   | split -b 15M - "$OUT"/work.tgz.
 ls -la "$OUT"
