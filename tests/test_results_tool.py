@@ -119,7 +119,7 @@ def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
 
 
 def test_scheduler_records_its_own_pid_before_doing_anything(tmp_path):
-    """results_device.sh tells a live scheduler by this file (a shell's `$!` through setsid can name another pid)."""
+    """results_device.sh tells a live scheduler by this file (in run 6 the shell's `$!` of it did not work)."""
     import os
 
     rc = results.main(["run", "--work", str(tmp_path / "w"), "--plan", "smoke", "--until", "1e-9",

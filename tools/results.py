@@ -491,8 +491,9 @@ def _gpus() -> list[str]:
 
 def cmd_run(args) -> int:
     work = Path(args.work)
-    # the scheduler's own pid, for a caller that must tell whether it still runs: the `$!` of a shell that started
-    # it through setsid names setsid's parent when setsid has to fork (run 6 thus started a second scheduler)
+    # the scheduler's own pid, for a caller that must tell whether it still runs (run 6: the `$!` that
+    # results_device.sh recorded for `setsid nohup python3 ...` named no live process in the next call although
+    # the scheduler ran on, and the script started a second one; the jobs' own pid files worked throughout)
     work.mkdir(parents=True, exist_ok=True)
     (work / "scheduler.pid").write_text(str(os.getpid()))
     plan = PLANS[args.plan]
