@@ -64,6 +64,29 @@ def test_few_iterations_lower_the_loss(setup):
         assert torch.equal(a.weight_int(), b.weight_int()), n1
 
 
+def test_fp_kd_teacher_takes_the_targets_from_the_fp_model(setup):
+    from pqcad_export.distill.cad import _Trainer
+    from pqcad_export.distill.targets import distillation_target
+    from pqcad_export.sampling import TorchUNet
+
+    q = load_quantized(setup["quant"])
+    fp = load_model(setup["model"]).unet
+    cdc = load_cdc(setup["calib"], student_grid(q.scheduler_config)[1])
+    imgs = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    dev = torch.device("cpu")
+    kb = {}
+    for who, kd_unet in (("quantized", None), ("fp", fp)):
+        tr = _Trainer(q.unet, q.scheduler_config, cdc, quick(kd_teacher=who), imgs, dev, kd_unet=kd_unet)
+        kb[who] = tr.batch(torch.Generator().manual_seed(5), 2, int(tr.grid[10]))
+    assert torch.equal(kb["fp"].z, kb["quantized"].z)  # same noisy inputs, different targets
+    assert not torch.allclose(kb["fp"].x_tilde, kb["quantized"].x_tilde)
+    want, _, _ = distillation_target(TorchUNet(fp.eval()), tr.sched, kb["fp"].z,
+                                     torch.full((2,), kb["fp"].t), 100)
+    assert torch.allclose(kb["fp"].x_tilde, want)
+    with pytest.raises(PqcadError, match="kd-teacher fp needs the FP model"):
+        run_cad(q.unet, q.scheduler_config, cdc, quick(kd_teacher="fp"), imgs)
+
+
 def test_student_stays_on_integer_grid_and_saves_as_50_steps(setup, tmp_path):
     q = load_quantized(setup["quant"])
     out = tmp_path / "student"

@@ -164,6 +164,11 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
     assert cfg.lam == 10.0 and cfg.calib_loss == "em"
     plain = jobs["cad-w4a8-pq-em"]
     assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
+    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).kd_teacher == "quantized"
+    for bits in ("w8a8", "w4a8"):
+        fpkd = jobs[f"cad-{bits}-pq-em-fpkd"]
+        cfg = results._cad_config(ctx, fpkd.params["loss"], fpkd.params.get("overrides"))
+        assert cfg.kd_teacher == "fp" and cfg.calib_loss == "em" and fpkd.params["quant"] == f"quant-{bits}-pq"
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
     pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5,
                     help="--train runs: Adam lr of the grid weights and FP params (activation steps: 2x, as the "
                          "paper preset's 5e-5 / 1e-4)")
+    ap.add_argument("--kd-teacher", default="quantized", choices=["quantized", "fp"],
+                    help="--train runs: KD target from the quantized teacher (paper) or the FP model")
     ap.add_argument("--weightings", nargs="+", default=["truncated_snr", "snr"], choices=["truncated_snr", "snr"],
                     help="--train runs: KD weightings to distill under")
     a = ap.parse_args(argv)
@@ -94,7 +96,8 @@ def _short_run(a, weighting: str) -> dict:
 
     cfg = CadConfig.preset("quick", iters=a.train, batch_size=16, lr=a.lr, lr_act=2 * a.lr, gap_samples=32,
                            eval_images=16,
-                           calib_loss="none", kd_weighting=weighting, dataset=a.data, n_train_images=2000,
+                           calib_loss="none", kd_weighting=weighting, kd_teacher=a.kd_teacher, dataset=a.data,
+                           n_train_images=2000,
                            checkpoint_every=max(a.train, 1), seed=a.seed)
     out = Path(a.workdir) / weighting
     distill(a.quantized, None, cfg, out, quiet=True)

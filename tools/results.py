@@ -137,6 +137,9 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
         # EM with a 10x calibration weight: at lambda = 1 the EM term barely moves (run 3 logs)
         add(Job(f"cad-{bits}-pq-em-lam10", "cad", [q, "calib-uniform", "cad-images"],
                 {"quant": q, "loss": "em", "overrides": {"lam": 10.0}}))
+        # the FP model's two steps as the KD target instead of the quantized teacher's (docs/RESULTS.md, CAD)
+        add(Job(f"cad-{bits}-pq-em-fpkd", "cad", [q, "calib-uniform", "cad-images"],
+                {"quant": q, "loss": "em", "overrides": {"kd_teacher": "fp"}}))
         q = quant_name(bits, "direct")
         add(Job(f"cad-{bits}-direct-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
     for strat in ("ndtc", "tdac", "pcr"):
@@ -720,6 +723,7 @@ ROW_LABELS = [
     ("cad-{b}-pq-em", "**PQCAD** (PQ + CAD-EM), 50 steps"),
     ("cad-{b}-pq-em-lam10", "PQCAD with lambda = 10, 50 steps"),
     ("cad-{b}-pq-kl", "PQ + CAD-KL, 50 steps"),
+    ("cad-{b}-pq-em-fpkd", "PQCAD, KD target from the FP model (--kd-teacher fp), 50 steps"),
 ]
 ABLATION_LABELS = [
     ("quant-w4a8-pq", "uniform calibration, block reconstruction"),

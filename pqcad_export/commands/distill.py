@@ -23,19 +23,24 @@ from ..cli import PRESETS, friendly, main
               help="w(lambda_t) of Eq. (8): truncated_snr = max(SNR, 1) (paper, default); snr = the eps-space MSE "
                    "(with an eps-predicting UNet, max(SNR, 1) gives the noisiest steps most of the gradient; "
                    "docs/RESULTS.md, CAD)")
+@click.option("--kd-teacher", default=None, type=click.Choice(["quantized", "fp"]),
+              help="whose two DDIM steps the student learns to take in one: quantized = the 100-step quantized "
+                   "teacher (paper, default); fp = the FP model it was made from (see --model), the student "
+                   "stays quantized (docs/RESULTS.md, CAD)")
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--iters", default=None, type=int, help="student updates (default: the preset's)")
 @click.option("--batch-size", default=None, type=int, help="training images per update (default: the preset's)")
 @click.option("--model", default=None,
-              help="FP model the data-free training images are sampled from (default: the built-in teacher "
-                   "when the quantized model was made from it, else the quantized teacher itself)")
+              help="FP model the data-free training images are sampled from, and the KD target with --kd-teacher "
+                   "fp (default: the built-in teacher when the quantized model was made from it, else none: the "
+                   "quantized teacher draws the images)")
 @click.option("--data", default=None, help="train on images from this dataset path instead of data-free samples")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=None, type=int, help="random seed (default 0)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
-def distill(quantized, calib, out, calib_loss, lam, kd_weighting, preset, iters, batch_size, model, data, device, seed,
-            quiet):
+def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, preset, iters, batch_size, model, data,
+            device, seed, quiet):
     """Distill the quantized teacher into a quantized student that needs half the DDIM steps (CAD).
 
     Resumes from OUT/cad_checkpoint.pt after an interruption; writes the student in the quantized format
@@ -44,8 +49,8 @@ def distill(quantized, calib, out, calib_loss, lam, kd_weighting, preset, iters,
     from ..distill import CadConfig
     from ..distill import distill as run
 
-    cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, kd_weighting=kd_weighting, iters=iters,
-                           batch_size=batch_size, dataset=data, seed=seed)
+    cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, kd_weighting=kd_weighting, kd_teacher=kd_teacher,
+                           iters=iters, batch_size=batch_size, dataset=data, seed=seed)
     student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet)
     log = json.loads((Path(out) / "cad_log.json").read_text())
     b, a = log["eval_before"], log["eval_after"]

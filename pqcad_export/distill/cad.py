@@ -181,7 +181,7 @@ def _iter_generator(seed: int, it: int) -> torch.Generator:
 
 class _Trainer:
     def __init__(self, teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
-                 images: torch.Tensor, device: torch.device):
+                 images: torch.Tensor, device: torch.device, kd_unet: Optional[nn.Module] = None):
         self.cfg, self.device = cfg, device
         self.sched = Schedule.from_config(scheduler_config)
         self.scheduler_config = scheduler_config
@@ -189,6 +189,10 @@ class _Trainer:
         self.teacher = teacher.to(device).eval()
         self.teacher.requires_grad_(False)
         self.teacher_fn = TorchUNet(self.teacher)
+        # the model whose two steps are the KD target: the quantized teacher (Alg. 4) or, kd_teacher=fp, the FP one
+        self.kd_fn = self.teacher_fn
+        if kd_unet is not None:
+            self.kd_fn = TorchUNet(kd_unet.to(device).eval().requires_grad_(False))
         self.student = prepare_student(self.teacher).to(device).eval()
         self.student_fn = TorchUNet(self.student)
         self.groups = trainable_groups(self.student, cfg.lr, cfg.lr_act, cfg.train_fp_params, cfg.train_act_scales)
@@ -251,7 +255,7 @@ class _Trainer:
         x = self.images[idx].to(self.device)
         tt = torch.full((n,), t, dtype=torch.long, device=self.device)
         z = self.sched.q_sample(x, tt, noise.to(self.device))
-        x_tilde, z2, t2 = distillation_target(self.teacher_fn, self.sched, z, tt, self.cfg.teacher_steps)
+        x_tilde, z2, t2 = distillation_target(self.kd_fn, self.sched, z, tt, self.cfg.teacher_steps)
         return KdBatch(t, z, x_tilde, z2, t2)
 
     def make_eval_set(self) -> list["KdBatch"]:
@@ -361,7 +365,10 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
     bank = load_cdc(cdc, grid)
     if images.dim() != 4 or images.shape[0] == 0:
         raise PqcadError(f"CAD needs a non-empty NCHW image batch, got shape {tuple(images.shape)}")
-    tr = _Trainer(teacher, scheduler_config, bank, cfg, images, device)
+    if cfg.kd_teacher == "fp" and fp_unet is None:
+        raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")
+    tr = _Trainer(teacher, scheduler_config, bank, cfg, images, device,
+                  kd_unet=fp_unet if cfg.kd_teacher == "fp" else None)
     out = Path(out_dir) if out_dir is not None else None
     run_id = _digest({"cfg": cfg.to_dict(), "fingerprint": fingerprint, "images": _tensor_digest(images),
                       "cdc": bank.count})
@@ -535,7 +542,8 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
                              meta=dict(quantized.meta), log=dict(quantized.log))
     meta = {"steps": cfg.teacher_steps // 2, "distillation": {
         "method": "cad", "teacher_steps": cfg.teacher_steps, "teacher_fingerprint": quantized.meta.get("fingerprint"),
-        "calib_loss": cfg.calib_loss, "lambda": cfg.lam, "iters": cfg.iters, "training_images": source,
+        "kd_teacher": cfg.kd_teacher, "calib_loss": cfg.calib_loss, "lambda": cfg.lam, "iters": cfg.iters,
+        "training_images": source,
         "cdc_fingerprint": bank.fingerprint, "rounding": res.log["weights"]}}
     save_quantized(student, out, meta)
     res.log["training_images"] = source

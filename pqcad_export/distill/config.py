@@ -27,6 +27,8 @@ class CadConfig:
     kd_target: str = "sampler"      # KD error: sampler = the student's clipped DDIM step vs the teacher's z_t''
     #                                 (rescaled; equals Eq. (8)'s x-error when nothing is clipped) | x = Eq. (8) as is
     kd_weighting: str = "truncated_snr"  # w(lambda_t) of Eq. (8): truncated_snr = max(SNR,1) | snr (= eps MSE)
+    kd_teacher: str = "quantized"   # whose two DDIM steps the student learns: quantized = the PQ model (Alg. 4) |
+    #                                 fp = the FP model it was made from (the student stays quantized); see RESULTS
     calib_loss: str = "em"          # em | swd | kl | jsd | cos | none (second term of Eq. (8))
     lam: float = 1.0                # lambda of Eq. (8) (chosen: both terms are per-element squared x-space
     #                                 errors, so 1 weighs them alike where w(lambda_t)=SNR; the log has both)
@@ -80,6 +82,7 @@ class CadConfig:
         need(self.lr > 0 and self.lr_act >= 0, "learning rates must be positive")
         need(self.lr_decay in ("linear", "constant"), f"lr_decay must be linear or constant, got {self.lr_decay}")
         need(self.kd_target in ("sampler", "x"), f"kd_target must be sampler or x, got {self.kd_target}")
+        need(self.kd_teacher in ("quantized", "fp"), f"--kd-teacher must be quantized or fp, got {self.kd_teacher}")
         need(self.kd_weighting in ("truncated_snr", "snr"),
              f"kd_weighting must be truncated_snr or snr, got {self.kd_weighting}")
         need(self.cdc_space in ("x0", "eps"), f"cdc_space must be x0 or eps, got {self.cdc_space}")
