@@ -25,3 +25,17 @@ def test_cli_distill(setup, tmp_path):
     r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]),
                                   "--out", str(tmp_path / "u"), "--lambda", "-1"])
     assert r.exit_code == 2, r.output
+
+
+def test_cli_distill_kd_teacher_fp(setup, tmp_path):
+    base = ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]), "--iters", "2",
+            "--batch-size", "2", "--kd-teacher", "fp", "--quiet"]
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "s"), "--model", str(setup["model"])])
+    assert r.exit_code == 0, r.output
+    log = json.loads((tmp_path / "s" / "cad_log.json").read_text())
+    assert log["config"]["kd_teacher"] == "fp"
+    assert json.loads((tmp_path / "s" / "quant.json").read_text())["distillation"]["kd_teacher"] == "fp"
+    # the tiny teacher is not the built-in model: without --model there is no FP target, said before any work
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "t")])
+    assert r.exit_code == 1 and "kd-teacher fp needs the FP model" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "t" / "cad_train_images.safetensors").exists()

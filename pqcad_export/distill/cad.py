@@ -535,6 +535,8 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
     if bank.count == 0 and cfg.calib_loss != "none" and cfg.lam > 0:
         raise PqcadError("C_DC is empty; collect it with `pqcad-export calibrate` or use --calib-loss none")
     fp, fp_desc = _fp_model_for(quantized, fp_model, device)
+    if cfg.kd_teacher == "fp" and fp is None:  # before drawing training images
+        raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")
     images, source = training_images(quantized, cfg, out, device, fp, fp_desc, quiet)
     res = run_cad(quantized.unet, quantized.scheduler_config, bank, cfg, images, out, device, quiet,
                   fingerprint=str(quantized.meta.get("fingerprint", "")), on_iter=on_iter, fp_unet=fp)
