@@ -12,7 +12,7 @@ so with max(SNR, 1) a few noisiest steps can own the gradient (and Adam's second
 With --train N it then distills the teacher for N updates under each weighting (no calibration term, batch 16,
 lr 5e-5 or --lr, the dataset's images) and records the per-step KD loss, the 50-step sample gaps before and after,
 and how far the student moved (changed integers, largest activation-step change): with --lr 5e-7 the fixed-batch
-KD loss at t = 999 still moves by tens of percent while no integer changes, i.e. that term is noise.
+KD loss at t = 999 still moves by tens of percent while no integer changes (it does not track the model).
 
     python tools/cad_weighting_check.py --quantized W/jobs/quant-w4a8-pq --data /usr/share/datasets/fashion-mnist \
         --out docs/results/cad_weighting_w4a8.json [--train 300 --train-out docs/results/cad_weighting_cpu_runs.json]
@@ -95,10 +95,8 @@ def _short_run(a, weighting: str) -> dict:
     from pqcad_export.distill import CadConfig, distill
 
     cfg = CadConfig.preset("quick", iters=a.train, batch_size=16, lr=a.lr, lr_act=2 * a.lr, gap_samples=32,
-                           eval_images=16,
-                           calib_loss="none", kd_weighting=weighting, kd_teacher=a.kd_teacher, dataset=a.data,
-                           n_train_images=2000,
-                           checkpoint_every=max(a.train, 1), seed=a.seed)
+                           eval_images=16, calib_loss="none", kd_weighting=weighting, kd_teacher=a.kd_teacher,
+                           dataset=a.data, n_train_images=2000, checkpoint_every=max(a.train, 1), seed=a.seed)
     out = Path(a.workdir) / weighting
     distill(a.quantized, None, cfg, out, quiet=True)
     log = json.loads((out / "cad_log.json").read_text())
