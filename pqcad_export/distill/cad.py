@@ -345,6 +345,11 @@ class _Trainer:
         torch.set_rng_state(ck["torch_rng"])
 
 
+def _check_kd_teacher(cfg: CadConfig, fp_unet: Optional[nn.Module]) -> None:
+    if cfg.kd_teacher == "fp" and fp_unet is None:
+        raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")
+
+
 def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource, cfg: CadConfig,
             images: torch.Tensor, out_dir: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
             quiet: bool = True, fingerprint: str = "", on_iter: Optional[Callable[[int], None]] = None,
@@ -365,8 +370,7 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
     bank = load_cdc(cdc, grid)
     if images.dim() != 4 or images.shape[0] == 0:
         raise PqcadError(f"CAD needs a non-empty NCHW image batch, got shape {tuple(images.shape)}")
-    if cfg.kd_teacher == "fp" and fp_unet is None:
-        raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")
+    _check_kd_teacher(cfg, fp_unet)
     tr = _Trainer(teacher, scheduler_config, bank, cfg, images, device,
                   kd_unet=fp_unet if cfg.kd_teacher == "fp" else None)
     out = Path(out_dir) if out_dir is not None else None
@@ -535,8 +539,7 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
     if bank.count == 0 and cfg.calib_loss != "none" and cfg.lam > 0:
         raise PqcadError("C_DC is empty; collect it with `pqcad-export calibrate` or use --calib-loss none")
     fp, fp_desc = _fp_model_for(quantized, fp_model, device)
-    if cfg.kd_teacher == "fp" and fp is None:  # before drawing training images
-        raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")
+    _check_kd_teacher(cfg, fp)  # before drawing training images
     images, source = training_images(quantized, cfg, out, device, fp, fp_desc, quiet)
     res = run_cad(quantized.unet, quantized.scheduler_config, bank, cfg, images, out, device, quiet,
                   fingerprint=str(quantized.meta.get("fingerprint", "")), on_iter=on_iter, fp_unet=fp)
