@@ -8,7 +8,8 @@
 #   - starts the scheduler in its own session (it outlives the call while the machine stays warm), or, when
 #     arguments are given and one runs already, replaces it (jobs it started run on; see results.py "elsewhere");
 #   - waits SECS seconds (default 400) or until the scheduler ends, then returns under $OUT: collect.tgz
-#     (results.json, figures, logs), work.tgz.* (models and checkpoints, no samples; PACK=0 skips it) and sched.log.
+#     (results.json, figures, logs), work.tgz.* (finished models, no samples; PACK=all adds the checkpoints of
+#     unfinished jobs, PACK=0 skips it) and sched.log.
 # Usage (from the repository root, on the device): SECS=400 bash tools/results_device.sh [--only PATTERN ...]
 # SECS is the wait, not the call: status, collect and pack follow, each under a timeout (60 + 120 + 120 s at most;
 # the jobs run at nice 10, so they take seconds). Run 3 and run 6 calls with SECS=330-530 hit the 600 s limit while
@@ -43,8 +44,10 @@ fi
 if [ ! -d "$W" ] && ls .gpu/pack/work.tgz.* >/dev/null 2>&1; then
   mkdir -p "$W" && cat .gpu/pack/work.tgz.* | tar xzf - -C "$W" && echo "restored the work dir from the pack"
 fi
-# refreshed every call: jobs started from now on run this checkout's code (running ones keep theirs)
-mkdir -p "$R" && cp -r pqcad_export calibration engines tools pyproject.toml "$R"/
+# refreshed every call: jobs started from now on run this checkout's code (running ones keep theirs). Each file is
+# unlinked before it is written, never truncated in place: run 7's call 2 rewrote the teacher's safetensors while
+# two CAD jobs were mapping it, and both died of SIGBUS (the scheduler restarted them)
+mkdir -p "$R" && cp -r --remove-destination pqcad_export calibration engines tools pyproject.toml "$R"/
 # the scheduler writes its own pid ($W/scheduler.pid); a call without arguments continues the last selection
 # (remembered in /tmp/sched.args) and never falls back to the whole graph
 running() { [ -f "$W"/scheduler.pid ] && kill -0 "$(cat "$W"/scheduler.pid)" 2>/dev/null; }
@@ -68,10 +71,16 @@ nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
 timeout 60 python3 "$R"/tools/results.py status --work "$W"
 timeout 120 python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null \
   && tar czf "$OUT"/collect.tgz -C /tmp collect
-# models, checkpoints and finished records; not samples/features (evaluations rerun), the reference features
-# (140 MB, recomputed in about 70 s) nor calibration sets (seeded, redrawn in 30 s); the CAD images stay (seeded too,
-# but 280 s to draw, and every CAD job waits for them)
-[ "$PACK" = 1 ] && timeout 120 tar czf - -C "$W" --exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' \
-  --exclude='pid' --exclude='scheduler.pid' --exclude='jobs/cad-w*/cad_train_images.safetensors' . \
-  | split -b 15M - "$OUT"/work.tgz.
+# finished models and records; not samples/features (evaluations rerun), the reference features (140 MB, recomputed
+# in about 70 s) nor calibration sets (seeded, redrawn in 30 s); the CAD images stay (seeded too, but 280 s to draw,
+# and every CAD job waits for them). Checkpoints of unfinished jobs only with PACK=all: six CAD students mid-training
+# are 166 MB, past what a call returns (8 files of 16 MiB), and run 7's pack came back cut off, models and all
+if [ "$PACK" = 1 ] || [ "$PACK" = all ]; then
+  X=(--exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' --exclude='pid' --exclude='scheduler.pid'
+     --exclude='jobs/cad-w*/cad_train_images.safetensors')
+  [ "$PACK" = all ] || X+=(--exclude='cad_checkpoint.pt' --exclude='checkpoints')
+  timeout 120 tar czf - -C "$W" "${X[@]}" . | split -b 15M - "$OUT"/work.tgz.
+  n=$(ls "$OUT"/work.tgz.* | wc -l)
+  [ "$n" -le 8 ] || echo "WARNING: the work pack has $n parts; only 8 files come back, so it will arrive cut off"
+fi
 ls -la "$OUT"
