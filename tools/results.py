@@ -785,7 +785,7 @@ def cmd_tables(args) -> int:
         tr = (jobs.get(quant_name(b, "pq")) or {}).get("transitions") or {}
         fired = sum(1 for t in tr.values() if t.get("how") == "detector")
         pert.append(f"| {b} | {_fmt(g['direct'], 5)} | {_fmt(g['bitshrink'], 5)} | {_fmt(g['pq'], 5)} | "
-                    f"{'–' if d is None else f'{100 * d:+.1f} %'} | {fired}/{len(tr)} |")
+                    f"{'–' if d is None else f'{100 * d:+.2f} %'} | {fired}/{len(tr)} |")
     text = "\n".join(out + pert) + "\n"
     if args.md:
         md = Path(args.md)
