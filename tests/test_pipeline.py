@@ -91,6 +91,24 @@ def test_rerun_skips_unchanged_stages(built, tiny_attn_unet_dir):
         assert after[s]["key"] == before[s]["key"] and after[s]["started"] == before[s]["started"]
 
 
+def test_kd_teacher_fp_retrains_only_the_student(built, tiny_attn_unet_dir, tmp_path):
+    """`build --kd-teacher fp` reaches CAD (the log says whose steps it copied) and invalidates the student stage
+    and those after it, not the calibration set or the quantized teacher."""
+    import shutil
+
+    out, _ = built
+    run = tmp_path / "fp"
+    shutil.copytree(out, run)
+    before = json.loads((run / "run.json").read_text())["stages"]
+    run_build(tiny_cfg(tiny_attn_unet_dir, run, kd_teacher="fp", stop_after="student"))
+    after = json.loads((run / "run.json").read_text())["stages"]
+    for s in ("calib", "quant"):
+        assert after[s]["key"] == before[s]["key"] and after[s]["started"] == before[s]["started"]
+    assert after["student"]["key"] != before["student"]["key"]
+    assert json.loads((run / "student/cad_log.json").read_text())["config"]["kd_teacher"] == "fp"
+    assert json.loads((out / "student/cad_log.json").read_text())["config"]["kd_teacher"] == "quantized"
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch

@@ -21,6 +21,10 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--calib-loss", default="em", show_default=True,
               type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]), help="CAD calibration loss")
 @click.option("--lambda", "lam", default=None, type=float, help="CAD calibration-loss weight (Eq. 8)")
+@click.option("--kd-teacher", default=None, type=click.Choice(["quantized", "fp"]),
+              help="CAD's KD target: the 100-step quantized teacher's two DDIM steps (paper, default) or the FP "
+                   "model's (not the paper's; the student stays quantized; on the built-in teacher it is the "
+                   "better student, docs/RESULTS.md, Run 7)")
 @click.option("--teacher-steps", default=100, show_default=True, help="DDIM steps of the FP / quantized teacher")
 @click.option("--student-steps", default=50, show_default=True, help="DDIM steps of the CAD student (= half)")
 @click.option("--backend", default="auto", show_default=True,
@@ -47,9 +51,10 @@ from ..cli import MODEL_HELP, friendly, main
               help="skip finished stages and resume interrupted ones from their checkpoints")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
-def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, teacher_steps, student_steps, backend,
-          device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet, recon_loss="block",
-          qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None, distill_iters=None):
+def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_teacher, teacher_steps, student_steps,
+          backend, device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet,
+          recon_loss="block", qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None,
+          distill_iters=None):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
@@ -62,9 +67,9 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, tea
     spec = parse_bits(bits)  # fail on a bad --bits before anything is created
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
-                      calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, teacher_steps=teacher_steps,
-                      student_steps=student_steps, backend=backend, device=device, seed=seed, samples=samples,
-                      latency_batch=latency_batch,
+                      calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, kd_teacher=kd_teacher,
+                      teacher_steps=teacher_steps, student_steps=student_steps, backend=backend, device=device,
+                      seed=seed, samples=samples, latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
                       overrides=budget_overrides(quant_iters, act_iters, distill_iters))

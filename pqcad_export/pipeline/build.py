@@ -31,6 +31,7 @@ class BuildConfig:
     calib_strategy: str = "uniform"
     calib_loss: str = "em"
     lam: Optional[float] = None
+    kd_teacher: Optional[str] = None         # CAD's KD target: None = the preset's (quantized, paper) | fp
     teacher_steps: int = 100
     student_steps: int = 50
     backend: str = "auto"
@@ -176,8 +177,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     from ..distill.config import CadConfig
 
     dover = dict(cfg.overrides.get("student", {}))
-    dcfg = CadConfig.preset(cfg.preset, calib_loss=cfg.calib_loss, lam=cfg.lam, seed=cfg.seed,
-                            teacher_steps=cfg.teacher_steps, **dover)
+    dcfg = CadConfig.preset(cfg.preset, calib_loss=cfg.calib_loss, lam=cfg.lam, kd_teacher=cfg.kd_teacher,
+                            seed=cfg.seed, teacher_steps=cfg.teacher_steps, **dover)
     student_dir = run.path("student")
 
     def do_student():
@@ -187,7 +188,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         return {"steps": st.steps, "calib_loss": dcfg.calib_loss}
 
     stage(3, "student", stage_key("student", keys["quant"], asdict(dcfg)), ("student/quant.json",), do_student,
-          f"CAD {cfg.teacher_steps}->{cfg.student_steps} steps, calibration loss {dcfg.calib_loss}")
+          f"CAD {cfg.teacher_steps}->{cfg.student_steps} steps, calibration loss {dcfg.calib_loss}, "
+          f"KD target {dcfg.kd_teacher}")
     if cfg.stop_after == "student":
         return _summary(cfg, run, t_all)
 
