@@ -53,7 +53,7 @@ def test_tables_render_measured_values_and_mark_missing(tmp_path):
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("end")
     assert "| FP32, 100 steps | 7.04 | 0.00 | 32.70 | 0.637 | 0.691 | 100 |" in text
     assert "RuntimeError: boom" in text
-    assert "+50.0 %" in text and "| 1/2 |" in text  # Delta_Pert = 1 - 0.01/0.02; one detector transition of two
+    assert "+50.00 %" in text and "| 1/2 |" in text  # Delta_Pert = 1 - 0.01/0.02; one detector transition of two
 
 
 def test_recon_config_accepts_pq_settings_as_dict():
