@@ -169,6 +169,11 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
         fpkd = jobs[f"cad-{bits}-pq-em-fpkd"]
         cfg = results._cad_config(ctx, fpkd.params["loss"], fpkd.params.get("overrides"))
         assert cfg.kd_teacher == "fp" and cfg.calib_loss == "em" and fpkd.params["quant"] == f"quant-{bits}-pq"
+    for loss in ("em", "none"):  # the second CAD seed: only the seed differs from the first
+        one, two = jobs[f"cad-w4a8-pq-{loss}"], jobs[f"cad-w4a8-pq-{loss}-seed1"]
+        c1 = results._cad_config(ctx, one.params["loss"], one.params.get("overrides"))
+        c2 = results._cad_config(ctx, two.params["loss"], two.params.get("overrides"))
+        assert (c1.seed, c2.seed) == (0, 1) and c2.with_overrides(seed=0) == c1 and two.deps == one.deps
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
     pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher
