@@ -65,15 +65,18 @@ class Candidate:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()  # the first processor's block
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
     except OSError:
         pass
-    return f"CPU {cpu}, {os.cpu_count()} cores (torch {torch.__version__})"
+    # the widest integer dot-product ISA sets INT8 CPU latency (the same engine ran ~2x apart on an AVX2 and a
+    # VNNI EPYC: docs/RESULTS.md, Efficiency)
+    isa = next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                        ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    return f"CPU {cpu}, {os.cpu_count()} cores{', ' + isa if isa else ''} (torch {torch.__version__})"
 
 
 def time_unet(fn: UNetFn, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], warmup: int,
