@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             rows.append(_relaxed_row(q, work, macs, unet))
     c, h, w = fp.sample_shape
     # every engine at both ORT levels, each row keeping its faster one: 'all' adds NCHWc layouts, which speed up
-    # the FP32 convolutions ~1.3x at batch 32 on this CPU and leave the INT8 kernels as they are; timing FP32 at
+    # the FP32 convolutions ~1.4x at batch 32 on this CPU and leave the INT8 kernels as they are; timing FP32 at
     # 'extended' only (as this table did before) overstated the INT8 speed-up
     sessions = {}
     for i, r in enumerate(rows):
