@@ -6,10 +6,12 @@ so sampling, FID and latency use exactly the same loop for PyTorch, ONNX Runtime
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -40,6 +42,18 @@ class LatencyStats:
         d = asdict(self)
         d["ms_per_sample"] = self.ms_per_sample
         return d
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, frozenset]:
+    """Model name and flags of the first processor in Linux /proc/cpuinfo ("" and no flags where unreadable): the
+    flags decide which INT8 kernels ONNX Runtime can use, so engines and reports both read them."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return "", frozenset()
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+    return info.get("model name", ""), frozenset(info.get("flags", "").split())
 
 
 def summarize_ms(samples: list[float], batch: int, warmup: int, timer: str) -> LatencyStats:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import torch
 
-from .base import Engine, LatencyStats, time_cpu
+from .base import Engine, LatencyStats, cpu_info, time_cpu
 from .manifest import EngineInfo, read_manifest, write_manifest
 
 ENGINE_FILE = "model.onnx"
@@ -190,9 +190,8 @@ def x86_without_vnni() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = cpu_info()[1]
+    if not flags:
         return False  # unknown: keep the faster u8 x s8 kernels
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 

@@ -65,13 +65,10 @@ class Candidate:
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()  # the first processor's block
-        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
-        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
-    except OSError:
-        pass
+    from engines.base import cpu_info
+
+    name, flags = cpu_info()
+    cpu = name or platform.processor() or platform.machine()
     # the widest integer dot-product ISA sets INT8 CPU latency (the same engine ran ~2x apart on an AVX2 and a
     # VNNI EPYC: docs/RESULTS.md, Efficiency)
     isa = next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
