@@ -88,7 +88,7 @@ def test_sampling_does_not_wait_for_fid_weights_but_scoring_does():
     jobs = results.build_jobs(results.PLANS["gpu"], timing=False)
     assert jobs["eval-quant-w4a8-pq"].deps == ["quant-w4a8-pq"]
     assert "eval-fp32-100" in jobs["score-quant-w4a8-pq"].deps and jobs["eval-fp32-100"].deps == []
-    assert all("cad-images" in j.deps for j in jobs.values() if j.kind == "cad")
+    assert all(j.params.get("images", "cad-images") in j.deps for j in jobs.values() if j.kind == "cad")
 
 
 def test_eval_waits_for_weights_after_sampling_without_failing(tmp_path):
@@ -173,7 +173,11 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
         one, two = jobs[f"cad-w4a8-pq-{loss}"], jobs[f"cad-w4a8-pq-{loss}-seed1"]
         c1 = results._cad_config(ctx, one.params["loss"], one.params.get("overrides"))
         c2 = results._cad_config(ctx, two.params["loss"], two.params.get("overrides"))
-        assert (c1.seed, c2.seed) == (0, 1) and c2.with_overrides(seed=0) == c1 and two.deps == one.deps
+        assert (c1.seed, c2.seed) == (0, 1) and c2.with_overrides(seed=0) == c1
+        # its training images come from their own job, drawn with its seed (distill() would redraw on a mismatch)
+        imgs = jobs[two.params["images"]]
+        assert two.deps == [*one.deps[:2], imgs.name] and imgs.kind == "cad_images"
+        assert results._cad_config(ctx, "em", imgs.params.get("overrides")).seed == c2.seed
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
     pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher

@@ -123,6 +123,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
     for strat in ("uniform", "ndtc", "tdac", "pcr"):
         add(Job(f"calib-{strat}", "calib", params={"strategy": strat}))
     add(Job("cad-images", "cad_images"))
+    # the second CAD seed's images, drawn while the teachers quantize instead of inside each seed-1 student (~280 s)
+    add(Job("cad-images-seed1", "cad_images", params={"overrides": {"seed": 1}}))
     models: dict[str, dict[str, Any]] = {"fp32-100": {"type": "fp", "steps": 100},
                                           "fp32-50": {"type": "fp", "steps": 50}}
     for bits in BITS:
@@ -143,8 +145,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
         # a second CAD seed (its own training images, batch order and time steps; the images are redrawn, ~280 s)
         # of PQCAD and of Distill-DM: the spread that tells which sub-1-FID gaps between single-seed students are real
         for loss in ("em", "none"):
-            add(Job(f"cad-{bits}-pq-{loss}-seed1", "cad", [q, "calib-uniform", "cad-images"],
-                    {"quant": q, "loss": loss, "overrides": {"seed": 1}}))
+            add(Job(f"cad-{bits}-pq-{loss}-seed1", "cad", [q, "calib-uniform", "cad-images-seed1"],
+                    {"quant": q, "loss": loss, "overrides": {"seed": 1}, "images": "cad-images-seed1"}))
         q = quant_name(bits, "direct")
         add(Job(f"cad-{bits}-direct-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
     for strat in ("ndtc", "tdac", "pcr"):
@@ -250,7 +252,7 @@ def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
 
     cfg = _cad_config(ctx, job.params["loss"], job.params.get("overrides"))
     t0 = time.time()
-    shared = ctx.dir("cad-images") / TRAIN_IMAGES
+    shared = ctx.dir(job.params.get("images", "cad-images")) / TRAIN_IMAGES
     own = ctx.dir(job.name) / TRAIN_IMAGES
     if shared.is_file() and not own.is_file():  # distill() checks its key and redraws the images on a mismatch
         own.parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +283,8 @@ def job_cad_images(ctx: Ctx, job: Job) -> dict[str, Any]:
     # training_images() reads only these fields of the quantized teacher when an FP model draws the images
     shape_src = SimpleNamespace(sample_shape=t.sample_shape, scheduler_config=t.scheduler_config, meta={})
     t0 = time.time()
-    imgs, source = training_images(shape_src, _cad_config(ctx, "em"), ctx.dir(job.name), ctx.device, t.unet,
-                                   FP_GIVEN)
+    cfg = _cad_config(ctx, "em", job.params.get("overrides"))
+    imgs, source = training_images(shape_src, cfg, ctx.dir(job.name), ctx.device, t.unet, FP_GIVEN)
     return {"images": int(imgs.shape[0]), "source": source, "seconds": round(time.time() - t0, 1)}
 
 
