@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pqcad_export.errors import UsageError
@@ -209,3 +210,15 @@ def test_collect_copies_each_jobs_own_log(tmp_path):
     assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "quant-w4a8-pq.log.json").read_text()) == "q"
     assert json.loads((tmp_path / "c" / "cad-w4a8-pq-em.log.json").read_text()) == "c"
+
+
+def test_sample_grid_has_the_headline_rows_then_the_other_students(tmp_path):
+    work = tmp_path / "w"
+    for row in ("cad-w4a8-pq-kl", "fp32-100", "cad-w4a8-pq-em"):
+        (work / "jobs" / f"eval-{row}").mkdir(parents=True)
+        np.save(work / "jobs" / f"eval-{row}" / "images.npy", np.zeros((12, 1, 28, 28), np.uint8))
+    (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": []}))
+    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "samples_rows.json").read_text())["rows_top_to_bottom"]
+    assert rows == ["fp32-100", "cad-w4a8-pq-em", "cad-w4a8-pq-kl"]
+    assert (tmp_path / "c" / "samples_rows.png").stat().st_size > 0

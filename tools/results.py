@@ -697,10 +697,13 @@ def cmd_collect(args) -> int:
     curve = work / "jobs" / "quant-w4a8-pq" / "transition_curve.png"
     if curve.is_file():
         (out / "transition_curve_w4a8.png").write_bytes(curve.read_bytes())
-    rows = [r for r in ("fp32-100", "fp32-50", "quant-w8a8-pq", "cad-w8a8-pq-em", "cad-w8a8-pq-em-fpkd",
-                        "quant-w4a8-direct", "quant-w4a8-pq", "quant-w4a8-pq-50steps", "cad-w4a8-pq-none",
-                        "cad-w4a8-pq-em", "cad-w4a8-pq-em-fpkd")
-            if (work / "jobs" / f"eval-{r}" / "images.npy").is_file()]
+    headline = ("fp32-100", "fp32-50", "quant-w8a8-pq", "cad-w8a8-pq-em", "cad-w8a8-pq-em-fpkd",
+                "quant-w4a8-direct", "quant-w4a8-pq", "quant-w4a8-pq-50steps", "cad-w4a8-pq-none",
+                "cad-w4a8-pq-em", "cad-w4a8-pq-em-fpkd")
+    # then the other students this work dir sampled (an ablation-only run 8 had only the FP32 row in its grid)
+    others = sorted(p.name[len("eval-"):] for p in (work / "jobs").glob("eval-cad-*"))
+    rows = [r for r in dict.fromkeys([*headline, *others])
+            if (work / "jobs" / f"eval-{r}" / "images.npy").is_file()][:16]
     if rows:
         from pqcad_export.metrics import save_grid
 
