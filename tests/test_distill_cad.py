@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from calibration import CalibConfig, collect_cdc
-from pqcad_export.distill import CadConfig, distill, load_cdc, prepare_student, run_cad, student_grid
+from pqcad_export.distill import CadConfig, distill, distill_fp, load_cdc, prepare_student, run_cad, student_grid
 from pqcad_export.distill.student import LatentGridWeight, max_grid_error
 from pqcad_export.errors import PqcadError
 from pqcad_export.model_io import load_model
@@ -167,6 +167,42 @@ def test_plain_fp_module_gets_a_grid_and_ends_on_it(tiny_unet_dir):
                                         / deltas[name].reshape(-1, 1, 1, 1)).round()).sum())
     assert moved > 0
     assert not any(isinstance(x, LatentGridWeight) for x in res.student.modules())
+
+
+def test_distill_only_fp_student_is_an_fp_diffusers_model_that_resumes(setup, tmp_path):
+    # the "FP32 Distill-only" row: no grid (weights move off any integer grid), saved as a loadable diffusers dir
+    cfg = quick(iters=6, checkpoint_every=2, lr=1e-3, n_train_images=2)
+    full = tmp_path / "full"
+    st = distill_fp(setup["model"], cfg, full)
+    teacher = load_model(setup["model"])
+    assert type(st.unet) is type(teacher.unet) and st.scheduler_config == teacher.scheduler_config
+    meta = json.loads((full / "distillation.json").read_text())
+    assert meta["steps"] == cfg.teacher_steps // 2 and meta["teacher_fingerprint"] == teacher.fingerprint
+    log = json.loads((full / "cad_log.json").read_text())
+    assert log["cdc"]["loss"] == "none" and log["cdc"]["rows"] == 0 and not (full / "cad_checkpoint.pt").exists()
+    w0, w1 = teacher.unet.conv_in.weight, st.unet.conv_in.weight
+    assert not torch.equal(w0, w1)
+    amax = w1.reshape(w1.shape[0], -1).abs().amax(1).reshape(-1, 1, 1, 1)
+    assert ((w1 / (amax / 127)) - (w1 / (amax / 127)).round()).abs().max() > 0.01  # not on an 8-bit grid
+
+    part = tmp_path / "part"
+
+    def interrupt(i):
+        if i == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_fp(setup["model"], cfg, part, on_iter=interrupt)
+    assert (part / "cad_checkpoint.pt").is_file() and not (part / "unet").exists()
+    again = distill_fp(setup["model"], cfg, part)
+    for k, v in st.unet.state_dict().items():
+        assert torch.equal(v, again.unet.state_dict()[k]), k
+    assert json.loads((part / "cad_log.json").read_text())["resumed_from"] == 4
+
+
+def test_fp_student_needs_an_fp_teacher(setup):
+    with pytest.raises(PqcadError, match="FP teacher"):
+        prepare_student(load_quantized(setup["quant"]).unet, bits=None)
 
 
 def test_load_cdc_sources_and_off_grid_rows(setup):

@@ -181,6 +181,9 @@ def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
         assert results._cad_config(ctx, "em", imgs.params.get("overrides")).seed == c2.seed
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
+    fp = jobs["cad-fp32"]  # the FP32 Distill-only row: no quantized teacher, no calibration set
+    assert fp.kind == "cad_fp" and fp.deps == ["cad-images"] and results._cad_config(ctx, "none").calib_loss == "none"
+    assert jobs["eval-cad-fp32"].params["type"] == "fp_dir" and jobs["eval-cad-fp32"].params["steps"] == 50
     pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher
     assert pcr.deps == ["quant-w4a8-pq-pcr", "calib-uniform", "cad-images"] and pcr.params["quant"] == pcr.deps[0]
 

@@ -96,15 +96,15 @@ PLANS = {
 @dataclass
 class Job:
     name: str
-    kind: str                                  # calib | quant | cad_images | cad | timing | refstats | eval | score
+    kind: str       # calib | quant | cad_images | cad | cad_fp | timing | refstats | eval | score
     deps: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lane(self) -> str:
         """train jobs share GPUs; eval and score jobs run a few at a time per GPU; timing wants a GPU to itself."""
-        return {"calib": "train", "quant": "train", "cad_images": "train", "cad": "train", "timing": "exclusive",
-                "score": "score"}.get(self.kind, "eval")
+        return {"calib": "train", "quant": "train", "cad_images": "train", "cad": "train", "cad_fp": "train",
+                "timing": "exclusive", "score": "score"}.get(self.kind, "eval")
 
 
 def quant_name(bits: str, method: str, calib: str = "uniform", recon: str = "block") -> str:
@@ -125,6 +125,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
     add(Job("cad-images", "cad_images"))
     # the second CAD seed's images, drawn while the teachers quantize instead of inside each seed-1 student (~280 s)
     add(Job("cad-images-seed1", "cad_images", params={"overrides": {"seed": 1}}))
+    # the paper's "FP32 Distill-only" row: the same distillation of the FP model, no quantization, no C_DC
+    add(Job("cad-fp32", "cad_fp", ["cad-images"]))
     models: dict[str, dict[str, Any]] = {"fp32-100": {"type": "fp", "steps": 100},
                                           "fp32-50": {"type": "fp", "steps": 50}}
     for bits in BITS:
@@ -163,6 +165,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
             models[name] = {"type": "quant", "dir": name, "steps": 100}
         elif j.kind == "cad":
             models[name] = {"type": "student", "dir": name, "steps": 50}
+        elif j.kind == "cad_fp":
+            models[name] = {"type": "fp_dir", "dir": name, "steps": 50}
     for bits in BITS:  # the 100-step PQ teacher sampled with 50 steps: the students' no-distillation baseline
         models[f"quant-{bits}-pq-50steps"] = {"type": "quant", "dir": quant_name(bits, "pq"), "steps": 50}
     for frac in plan.relax_fracs:
@@ -264,6 +268,21 @@ def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
             "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", "weights")}}
 
 
+def job_cad_fp(ctx: Ctx, job: Job) -> dict[str, Any]:
+    from pqcad_export.distill.cad import TRAIN_IMAGES, distill_fp
+
+    cfg = _cad_config(ctx, "none")
+    t0 = time.time()
+    shared, own = ctx.dir("cad-images") / TRAIN_IMAGES, ctx.dir(job.name) / TRAIN_IMAGES
+    if shared.is_file() and not own.is_file():  # same key as the quantized students' images (FP_GIVEN)
+        own.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared, own)
+    distill_fp(ctx.teacher, cfg, ctx.dir(job.name), ctx.device, quiet=True)
+    log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
+    return {"seconds": round(time.time() - t0, 1), "config": log["config"],
+            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", "training_images")}}
+
+
 def _cad_config(ctx: Ctx, loss: str, overrides: Optional[dict[str, Any]] = None):
     from pqcad_export.distill.config import CadConfig
 
@@ -311,6 +330,11 @@ def _model_fn(ctx: Ctx, spec: dict[str, Any]):
 
     if spec["type"] == "fp":
         return TorchUNet(ctx.teacher.unet), ctx.teacher.scheduler_config, {}
+    if spec["type"] == "fp_dir":  # an FP model written as a diffusers directory (the Distill-only student)
+        from pqcad_export.model_io import load_model
+
+        lm = load_model(ctx.dir(spec["dir"]), ctx.device)
+        return TorchUNet(lm.unet), lm.scheduler_config, {}
     q = load_quantized(ctx.dir(spec["dir"]), ctx.device)
     if spec["type"] != "relax":
         return q, q.scheduler_config, {}
@@ -434,7 +458,7 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
 
 
 JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad_images": job_cad_images, "cad": job_cad,
-              "timing": job_timing, "eval": job_eval, "refstats": job_refstats, "score": job_score}
+              "cad_fp": job_cad_fp, "timing": job_timing, "eval": job_eval, "refstats": job_refstats, "score": job_score}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -724,6 +748,7 @@ def cmd_collect(args) -> int:
 ROW_LABELS = [
     ("fp32-100", "FP32, 100 steps"),
     ("fp32-50", "FP32, 50 DDIM steps (no distillation)"),
+    ("cad-fp32", "FP32 Distill-only (the same distillation, no quantization, no C_DC), 50 steps"),
     ("quant-{b}-direct", "direct (Q-Diffusion-style BRECQ + AdaRound/LSQ), 100 steps"),
     ("quant-{b}-bitshrink", "+ bit-shrink, 100 steps"),
     ("quant-{b}-pq", "+ PQ, 100 steps"),

@@ -77,7 +77,7 @@ timeout 120 python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect
 # are 166 MB, past what a call returns (8 files of 16 MiB), and run 7's pack came back cut off, models and all
 if [ "$PACK" = 1 ] || [ "$PACK" = all ]; then
   X=(--exclude='jobs/eval-*' --exclude='jobs/refstats' --exclude='jobs/calib-*' --exclude='pid' --exclude='scheduler.pid'
-     --exclude='jobs/cad-w*/cad_train_images.safetensors')
+     --exclude='jobs/cad-[wf]*/cad_train_images.safetensors')
   [ "$PACK" = all ] || X+=(--exclude='cad_checkpoint.pt' --exclude='checkpoints')
   timeout 120 tar czf - -C "$W" "${X[@]}" . | split -b 15M - "$OUT"/work.tgz.
   n=$(ls "$OUT"/work.tgz.* | wc -l)

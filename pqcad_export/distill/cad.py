@@ -181,7 +181,8 @@ def _iter_generator(seed: int, it: int) -> torch.Generator:
 
 class _Trainer:
     def __init__(self, teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
-                 images: torch.Tensor, device: torch.device, kd_unet: Optional[nn.Module] = None):
+                 images: torch.Tensor, device: torch.device, kd_unet: Optional[nn.Module] = None,
+                 student_bits: Optional[int] = 8):
         self.cfg, self.device = cfg, device
         self.sched = Schedule.from_config(scheduler_config)
         self.scheduler_config = scheduler_config
@@ -193,7 +194,7 @@ class _Trainer:
         self.kd_fn = self.teacher_fn
         if kd_unet is not None:
             self.kd_fn = TorchUNet(kd_unet.to(device).eval().requires_grad_(False))
-        self.student = prepare_student(self.teacher).to(device).eval()
+        self.student = prepare_student(self.teacher, student_bits).to(device).eval()
         self.student_fn = TorchUNet(self.student)
         self.groups = trainable_groups(self.student, cfg.lr, cfg.lr_act, cfg.train_fp_params, cfg.train_act_scales)
         for g in self.groups:
@@ -353,8 +354,10 @@ def _check_kd_teacher(cfg: CadConfig, fp_unet: Optional[nn.Module]) -> None:
 def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource, cfg: CadConfig,
             images: torch.Tensor, out_dir: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
             quiet: bool = True, fingerprint: str = "", on_iter: Optional[Callable[[int], None]] = None,
-            fp_unet: Optional[nn.Module] = None) -> CadResult:
+            fp_unet: Optional[nn.Module] = None, student_bits: Optional[int] = 8) -> CadResult:
     """Alg. 4 on an nn.Module teacher (quantized wrappers or plain FP). Returns the frozen student.
+
+    A plain FP teacher's student is put on a `student_bits` round-to-nearest grid, or stays FP with None.
 
     `images`: float [-1, 1] NCHW training images. `out_dir`: checkpoints (`cad_checkpoint.pt`) and `cad_log.json`;
     a checkpoint of the same configuration found there is resumed. `on_iter(i)` runs after update i (tests use it
@@ -372,7 +375,7 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
         raise PqcadError(f"CAD needs a non-empty NCHW image batch, got shape {tuple(images.shape)}")
     _check_kd_teacher(cfg, fp_unet)
     tr = _Trainer(teacher, scheduler_config, bank, cfg, images, device,
-                  kd_unet=fp_unet if cfg.kd_teacher == "fp" else None)
+                  kd_unet=fp_unet if cfg.kd_teacher == "fp" else None, student_bits=student_bits)
     out = Path(out_dir) if out_dir is not None else None
     run_id = _digest({"cfg": cfg.to_dict(), "fingerprint": fingerprint, "images": _tensor_digest(images),
                       "cdc": bank.count})
@@ -558,3 +561,49 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
     if ck.exists():
         ck.unlink()
     return student
+
+
+DISTILL_ONLY_META = "distillation.json"
+
+
+def distill_fp(model, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path] = "student-fp",
+               device: Union[str, torch.device] = "cpu", quiet: bool = True,
+               on_iter: Optional[Callable[[int], None]] = None):
+    """The paper's "FP32 Distill-only" baseline: Alg. 4 with neither quantization nor C_DC, i.e. progressive
+    distillation (Salimans & Ho) of the FP 100-step model into an FP 50-step one, with CAD's KD loss, budget and
+    data-free training images, so that it differs from the CAD rows only in quantization.
+
+    `model`: a diffusers model directory (None: the built-in teacher) or a LoadedModel. Writes a diffusers model
+    directory (unet/, scheduler/, distillation.json, cad_log.json) that load_model and the samplers read (sample
+    it with 50 steps); resumes from out_dir/cad_checkpoint.pt like distill(). Returns the student's LoadedModel."""
+    from types import SimpleNamespace
+
+    from ..model_io import LoadedModel, load_model
+
+    cfg = (cfg or CadConfig.preset("quick")).with_overrides(calib_loss="none", kd_teacher="quantized")
+    cfg.validate()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if lm.is_conditional:
+        raise PqcadError("CAD supports unconditional UNets only (conditional training data is not collected)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # training_images() reads only these fields when an FP model draws the images; FP_GIVEN keys the cache like
+    # the quantized students' images, so one drawn file serves both
+    shape_src = SimpleNamespace(sample_shape=lm.sample_shape, scheduler_config=lm.scheduler_config, meta={})
+    images, source = training_images(shape_src, cfg, out, device, lm.unet, FP_GIVEN, quiet)
+    res = run_cad(lm.unet, lm.scheduler_config, None, cfg, images, out, device, quiet, fingerprint=lm.fingerprint,
+                  on_iter=on_iter, student_bits=None)
+    res.student.save_pretrained(str(out / "unet"), safe_serialization=True)
+    sched = out / "scheduler"
+    sched.mkdir(exist_ok=True)
+    save_json_atomic(sched / "scheduler_config.json", lm.scheduler_config)
+    save_json_atomic(out / DISTILL_ONLY_META, {
+        "steps": cfg.teacher_steps // 2, "method": "distill-only (FP, CAD without quantization or C_DC)",
+        "teacher_steps": cfg.teacher_steps, "teacher_fingerprint": lm.fingerprint, "iters": cfg.iters,
+        "training_images": source})
+    res.log["training_images"] = source
+    save_json_atomic(out / LOG, res.log)
+    ck = out / CHECKPOINT
+    if ck.exists():
+        ck.unlink()
+    return load_model(out, device)

@@ -19,7 +19,7 @@ Conv2d/Linear weight, with a per-channel max-abs grid of `bits` bits (round-to-n
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -111,9 +111,15 @@ def act_quantizers(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def prepare_student(teacher: nn.Module, bits: int = 8) -> nn.Module:
-    """Deep copy of the (frozen quantized) teacher with latent grid weights; the teacher is left untouched."""
+def prepare_student(teacher: nn.Module, bits: Optional[int] = 8) -> nn.Module:
+    """Deep copy of the (frozen quantized) teacher with latent grid weights; the teacher is left untouched.
+    `bits=None` keeps a plain FP teacher's copy FP (the Distill-only baseline: its weights train as they are)."""
     student = copy.deepcopy(teacher)
+    if bits is None:
+        if any(_is_frozen_quant_layer(m) for m in student.modules()):
+            raise PqcadError("an FP student (bits=None) needs an FP teacher, not a quantized one")
+        student.requires_grad_(False)
+        return student
     n = 0
     for _, m in list(student.named_modules()):
         if _is_frozen_quant_layer(m):
@@ -165,11 +171,13 @@ def trainable_groups(student: nn.Module, lr: float, lr_act: float, train_fp_para
     scales = [q.scale for q in act_quantizers(student) if getattr(q, "enabled", True)] if train_act_scales else []
     taken = {id(p) for p in latents} | {id(p) for q in act_quantizers(student) for p in q.parameters()}
     others = [p for p in student.parameters() if id(p) not in taken] if train_fp_params else []
-    groups = [{"params": latents, "lr": lr, "name": "grid_weights"}]
+    groups = [{"params": latents, "lr": lr, "name": "grid_weights"}] if latents else []
     if scales:
         groups.append({"params": scales, "lr": lr_act, "name": "act_scales"})
     if others:
         groups.append({"params": others, "lr": lr, "name": "fp_params"})
+    if not groups:
+        raise PqcadError("nothing to train: no grid weights, and FP parameters / activation steps are frozen")
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
