@@ -70,7 +70,8 @@ class Plan:
     pr_real: int = 10000                  # real images for precision/recall (same count as samples, k=3)
     relax_fracs: tuple[float, ...] = (0.05, 0.1, 0.2)
     train_per_gpu: int = 10               # concurrent quantization / CAD processes per GPU
-    eval_per_gpu: int = 2                 # concurrent sampling / feature processes per GPU
+    eval_per_gpu: int = 3                 # concurrent sampling / feature processes per GPU (3: a model that
+                                          # finishes late, PCR, need not queue behind two 100-step samplings)
     score_per_gpu: int = 4                # concurrent metric processes per GPU (mostly CPU: matrix square roots)
     seed: int = 0
     teacher_steps: int = 100
