@@ -252,16 +252,24 @@ def _transitions(log: dict) -> dict[str, Any]:
             for u in log.get("units", []) if u.get("transition_iter") is not None}
 
 
+def _copy_training_images(ctx: Ctx, job: Job) -> None:
+    """Start a student's dir with the shared CAD images (its `images` job, default cad-images); distill() and
+    distill_fp() check the file's key and redraw the images on a mismatch."""
+    from pqcad_export.distill.cad import TRAIN_IMAGES
+
+    shared = ctx.dir(job.params.get("images", "cad-images")) / TRAIN_IMAGES
+    own = ctx.dir(job.name) / TRAIN_IMAGES
+    if shared.is_file() and not own.is_file():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared, own)
+
+
 def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from pqcad_export.distill.cad import TRAIN_IMAGES, distill
+    from pqcad_export.distill.cad import distill
 
     cfg = _cad_config(ctx, job.params["loss"], job.params.get("overrides"))
     t0 = time.time()
-    shared = ctx.dir(job.params.get("images", "cad-images")) / TRAIN_IMAGES
-    own = ctx.dir(job.name) / TRAIN_IMAGES
-    if shared.is_file() and not own.is_file():  # distill() checks its key and redraws the images on a mismatch
-        own.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared, own)
+    _copy_training_images(ctx, job)
     distill(ctx.dir(job.params["quant"]), ctx.dir("calib-uniform"), cfg, ctx.dir(job.name), ctx.device,
             fp_model=ctx.teacher.unet, quiet=True)
     log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
@@ -270,18 +278,16 @@ def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
 
 
 def job_cad_fp(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from pqcad_export.distill.cad import TRAIN_IMAGES, distill_fp
+    from pqcad_export.distill.cad import distill_fp
 
     cfg = _cad_config(ctx, "none")
     t0 = time.time()
-    shared, own = ctx.dir("cad-images") / TRAIN_IMAGES, ctx.dir(job.name) / TRAIN_IMAGES
-    if shared.is_file() and not own.is_file():  # same key as the quantized students' images (FP_GIVEN)
-        own.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared, own)
+    _copy_training_images(ctx, job)
     distill_fp(ctx.teacher, cfg, ctx.dir(job.name), ctx.device, quiet=True)
     log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
     return {"seconds": round(time.time() - t0, 1), "config": log["config"],
-            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", "training_images")}}
+            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse",
+                                                    "training_images")}}
 
 
 def _cad_config(ctx: Ctx, loss: str, overrides: Optional[dict[str, Any]] = None):
@@ -459,7 +465,8 @@ def job_score(ctx: Ctx, job: Job) -> dict[str, Any]:
 
 
 JOB_BODIES = {"calib": job_calib, "quant": job_quant, "cad_images": job_cad_images, "cad": job_cad,
-              "cad_fp": job_cad_fp, "timing": job_timing, "eval": job_eval, "refstats": job_refstats, "score": job_score}
+              "cad_fp": job_cad_fp, "timing": job_timing, "eval": job_eval, "refstats": job_refstats,
+              "score": job_score}
 
 
 # ---------------------------------------------------------------------------------------------------------------

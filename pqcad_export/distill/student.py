@@ -13,7 +13,8 @@ Mechanism (arXiv 2506.16776 Alg. 4 keeps the student quantized while it learns):
     boundary keeps the teacher's learned integer exactly; integers that moved are recomputed by round-to-nearest.
 
 Plain FP modules (no quantize wrappers) get the same treatment through `torch.nn.utils.parametrize` on every
-Conv2d/Linear weight, with a per-channel max-abs grid of `bits` bits (round-to-nearest "direct" quantization).
+Conv2d/Linear weight, with a per-channel max-abs grid of `bits` bits (round-to-nearest "direct" quantization), or,
+with `bits=None`, stay FP (the Distill-only baseline, `distill_fp`).
 """
 
 from __future__ import annotations
