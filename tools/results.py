@@ -301,16 +301,12 @@ def _cad_config(ctx: Ctx, loss: str, overrides: Optional[dict[str, Any]] = None)
 
 def job_cad_images(ctx: Ctx, job: Job) -> dict[str, Any]:
     """CAD's data-free training images (FP teacher samples), drawn once for every student instead of once each."""
-    from types import SimpleNamespace
-
     from pqcad_export.distill.cad import FP_GIVEN, training_images
 
     t = ctx.teacher
-    # training_images() reads only these fields of the quantized teacher when an FP model draws the images
-    shape_src = SimpleNamespace(sample_shape=t.sample_shape, scheduler_config=t.scheduler_config, meta={})
     t0 = time.time()
     cfg = _cad_config(ctx, "em", job.params.get("overrides"))
-    imgs, source = training_images(shape_src, cfg, ctx.dir(job.name), ctx.device, t.unet, FP_GIVEN)
+    imgs, source = training_images(t, cfg, ctx.dir(job.name), ctx.device, t.unet, FP_GIVEN)
     return {"images": int(imgs.shape[0]), "source": source, "seconds": round(time.time() - t0, 1)}
 
 

@@ -475,7 +475,9 @@ def _fp_model_for(quantized, fp_model, device) -> tuple[Optional[nn.Module], str
 
 def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Optional[nn.Module] = None,
                     fp_desc: str = "", quiet: bool = True) -> tuple[torch.Tensor, str]:
-    """Training images for CAD, cached in out_dir (so a resumed run sees the same ones).
+    """Training images for CAD, cached in out_dir (so a resumed run sees the same ones). `quantized` gives the shape
+    and schedule (any model with `sample_shape` and `scheduler_config`, e.g. a LoadedModel, when `fp` is given); it
+    draws the images itself only when no FP model and no dataset is known.
 
     dataset path -> its first n images; otherwise data-free: n samples of the FP model (teacher_steps DDIM steps)
     or, when no FP model is known, of the quantized teacher itself. FP samples do not depend on the quantized
@@ -554,13 +556,16 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
         "training_images": source,
         "cdc_fingerprint": bank.fingerprint, "rounding": res.log["weights"]}}
     save_quantized(student, out, meta)
-    res.log["training_images"] = source
-    res.log["student_fingerprint"] = student.meta.get("fingerprint")
-    save_json_atomic(out / LOG, res.log)
+    _finish(out, res.log, training_images=source, student_fingerprint=student.meta.get("fingerprint"))
+    return student
+
+
+def _finish(out: Path, log: dict[str, Any], **fields: Any) -> None:
+    """The last step of a finished distillation: the final log (with `fields`), then the checkpoint goes."""
+    save_json_atomic(out / LOG, {**log, **fields})
     ck = out / CHECKPOINT
     if ck.exists():
         ck.unlink()
-    return student
 
 
 DISTILL_ONLY_META = "distillation.json"
@@ -576,8 +581,6 @@ def distill_fp(model, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path]
     `model`: a diffusers model directory (None: the built-in teacher) or a LoadedModel. Writes a diffusers model
     directory (unet/, scheduler/, distillation.json, cad_log.json) that load_model and the samplers read (sample
     it with 50 steps); resumes from out_dir/cad_checkpoint.pt like distill(). Returns the student's LoadedModel."""
-    from types import SimpleNamespace
-
     from ..model_io import LoadedModel, load_model
 
     cfg = (cfg or CadConfig.preset("quick")).with_overrides(calib_loss="none", kd_teacher="quantized")
@@ -587,10 +590,8 @@ def distill_fp(model, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path]
         raise PqcadError("CAD supports unconditional UNets only (conditional training data is not collected)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # training_images() reads only these fields when an FP model draws the images; FP_GIVEN keys the cache like
-    # the quantized students' images, so one drawn file serves both
-    shape_src = SimpleNamespace(sample_shape=lm.sample_shape, scheduler_config=lm.scheduler_config, meta={})
-    images, source = training_images(shape_src, cfg, out, device, lm.unet, FP_GIVEN, quiet)
+    # FP_GIVEN keys the cache like the quantized students' images, so one drawn file serves both
+    images, source = training_images(lm, cfg, out, device, lm.unet, FP_GIVEN, quiet)
     res = run_cad(lm.unet, lm.scheduler_config, None, cfg, images, out, device, quiet, fingerprint=lm.fingerprint,
                   on_iter=on_iter, student_bits=None)
     res.student.save_pretrained(str(out / "unet"), safe_serialization=True)
@@ -601,9 +602,5 @@ def distill_fp(model, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path]
         "steps": cfg.teacher_steps // 2, "method": "distill-only (FP, CAD without quantization or C_DC)",
         "teacher_steps": cfg.teacher_steps, "teacher_fingerprint": lm.fingerprint, "iters": cfg.iters,
         "training_images": source})
-    res.log["training_images"] = source
-    save_json_atomic(out / LOG, res.log)
-    ck = out / CHECKPOINT
-    if ck.exists():
-        ck.unlink()
+    _finish(out, res.log, training_images=source)
     return load_model(out, device)
