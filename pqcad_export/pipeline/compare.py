@@ -71,8 +71,8 @@ def device_description(device: torch.device) -> str:
     cpu = name or platform.processor() or platform.machine()
     # the widest integer dot-product ISA sets INT8 CPU latency (the same engine ran ~2x apart on an AVX2 and a
     # VNNI EPYC: docs/RESULTS.md, Efficiency)
-    isa = next((name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
-                                        ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    isa = next((label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                          ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     return f"CPU {cpu}, {os.cpu_count()} cores{', ' + isa if isa else ''} (torch {torch.__version__})"
 
 
