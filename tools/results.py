@@ -272,9 +272,7 @@ def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
     _copy_training_images(ctx, job)
     distill(ctx.dir(job.params["quant"]), ctx.dir("calib-uniform"), cfg, ctx.dir(job.name), ctx.device,
             fp_model=ctx.teacher.unet, quiet=True)
-    log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
-    return {"seconds": round(time.time() - t0, 1), "config": cfg.to_dict(),
-            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", "weights")}}
+    return _cad_record(ctx, job, t0, "weights")
 
 
 def job_cad_fp(ctx: Ctx, job: Job) -> dict[str, Any]:
@@ -284,10 +282,15 @@ def job_cad_fp(ctx: Ctx, job: Job) -> dict[str, Any]:
     t0 = time.time()
     _copy_training_images(ctx, job)
     distill_fp(ctx.teacher, cfg, ctx.dir(job.name), ctx.device, quiet=True)
+    return _cad_record(ctx, job, t0, "training_images")
+
+
+def _cad_record(ctx: Ctx, job: Job, t0: float, *keys: str) -> dict[str, Any]:
+    """A finished student's record: its time, the configuration it trained with (from its log, which holds what
+    distill_fp forced too) and the log's held-out losses, sample gaps and `keys`."""
     log = json.loads((ctx.dir(job.name) / "cad_log.json").read_text())
     return {"seconds": round(time.time() - t0, 1), "config": log["config"],
-            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse",
-                                                    "training_images")}}
+            "log_summary": {k: log.get(k) for k in ("eval_before", "eval_after", "sample_gap_mse", *keys)}}
 
 
 def _cad_config(ctx: Ctx, loss: str, overrides: Optional[dict[str, Any]] = None):
