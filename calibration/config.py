@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from pqcad_export.bits import BitSpec, parse_bits
+from pqcad_export.config_base import ConfigBase, Preset, choices, parse_choice, require
 from pqcad_export.errors import UsageError
+
+from .strategies import STRATEGIES, StrategyName
+
+
+@dataclass(frozen=True)
+class PcrConfig:
+    """PCR's settings as typed values (the flat `pcr_*` fields of CalibConfig, parsed once)."""
+
+    bits: BitSpec                 # the model quantized between stages
+    stages: int                   # K contiguous stages from x_T to x_0
+    method: str                   # quantize_model method between stages
+    preset: Preset                # ReconConfig preset between stages
+    recon: dict[str, Any]         # ReconConfig overrides between stages
 
 
 @dataclass
-class CalibConfig:
+class CalibConfig(ConfigBase):
     """What to collect for C_QC (quantization calibration) and C_DC (distillation calibration).
 
     Paper defaults follow Q-Diffusion's CIFAR-10 setting that PQ builds on: 100 DDIM steps, 256 FP trajectories,
@@ -19,7 +34,7 @@ class CalibConfig:
 
     # -- C_QC ---------------------------------------------------------------------------------------------
     steps: int = 100                      # teacher DDIM steps T
-    strategy: str = "uniform"             # uniform | ndtc | tdac (see calibration.strategies)
+    strategy: str = StrategyName.UNIFORM.value  # a StrategyName value (or a registered strategy's name)
     n_per_step: int = 256                 # uniform: samples kept at each selected step
     every_k: int = 5                      # uniform: keep every k-th step (1 = all steps)
     n_total: Optional[int] = None         # ndtc/tdac total budget; None = the uniform budget above
@@ -37,7 +52,7 @@ class CalibConfig:
     pcr_bits: Optional[str] = None        # wKaA of the model quantized between stages (required for pcr)
     pcr_stages: int = 4                   # K contiguous stages from x_T to x_0 (the paper's per-step: K = T)
     pcr_method: str = "pq"                # quantize_model method between stages
-    pcr_preset: str = "quick"             # ReconConfig preset between stages
+    pcr_preset: str = Preset.QUICK.value  # ReconConfig preset between stages
     pcr_recon: Optional[dict] = None      # ReconConfig overrides between stages
     # -- C_DC (paper Alg. 1 lines 8-9) ---------------------------------------------------------------------
     with_dc: bool = True
@@ -46,58 +61,41 @@ class CalibConfig:
     dc_trajectories: int = 64             # stochastic FP trajectories one sample per step is drawn from
     dc_eta: float = 1.0                   # fresh noise each step (DDPM-like), so samples cover p(z_t)
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "CalibConfig":
-        """'paper' = the defaults above; 'quick' collects in well under a minute on the built-in teacher.
-
-        quick: 16 trajectories x 100 steps for C_QC (16 samples at every 5th step = 320 rows) and 4 stochastic
-        trajectories for C_DC (50 rows, one per student step): 2000 image-UNet calls, ~20 s at ~10 ms per call.
-        """
-        if name == "paper":
-            cfg = cls()
-        elif name == "quick":
-            cfg = cls(n_per_step=16, every_k=5, batch_size=16, shard_size=256, dc_trajectories=4, pcr_stages=2)
-        else:
-            raise UsageError(f"unknown preset '{name}': expected quick or paper")
-        return cfg.with_overrides(**overrides)
-
-    def with_overrides(self, **overrides: Any) -> "CalibConfig":
-        """Replace fields, ignoring None values (so CLI options left unset keep the preset's value)."""
-        names = {f.name for f in fields(self)}
-        bad = [k for k in overrides if k not in names]
-        if bad:
-            raise UsageError(f"unknown calibration option(s): {', '.join(bad)}")
-        cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        cfg.validate()
-        return cfg
+    # quick: 16 trajectories x 100 steps for C_QC (16 samples at every 5th step = 320 rows) and 4 stochastic
+    # trajectories for C_DC (50 rows, one per student step): 2000 image-UNet calls, ~20 s at ~10 ms per call.
+    PRESETS = {Preset.QUICK.value: dict(n_per_step=16, every_k=5, batch_size=16, shard_size=256, dc_trajectories=4,
+                                        pcr_stages=2),
+               Preset.PAPER.value: {}}
+    OPTIONS = "calibration"
 
     def validate(self) -> None:
-        from .strategies import STRATEGIES
+        require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        require(self.strategy in STRATEGIES,
+                f"unknown --strategy '{self.strategy}': expected one of {', '.join(STRATEGIES)}")
+        require(self.n_per_step >= 1, f"--n-per-step must be >= 1, got {self.n_per_step}")
+        require(self.every_k >= 1, f"--every-k must be >= 1, got {self.every_k}")
+        require(self.n_total is None or self.n_total >= 1, f"--total must be >= 1, got {self.n_total}")
+        require(self.ndtc_std > 0, f"ndtc_std must be > 0, got {self.ndtc_std}")
+        require(0.0 <= self.tdac_density_weight <= 1.0, "tdac_density_weight must be in [0, 1]")
+        require(self.tdac_candidates >= 1, "tdac_candidates must be >= 1")
+        require(self.n_trajectories is None or self.n_trajectories >= 1, "n_trajectories must be >= 1")
+        require(self.eta >= 0 and self.dc_eta >= 0, "eta must be >= 0")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        require(self.dc_stride >= 1, "dc_stride must be >= 1")
+        require(self.dc_size is None or self.dc_size >= 1, f"--dc-size must be >= 1, got {self.dc_size}")
+        require(self.dc_trajectories >= 1, f"--dc-trajectories must be >= 1, got {self.dc_trajectories}")
+        if self.strategy == StrategyName.PCR:
+            require(1 <= self.pcr_stages <= self.steps,
+                    f"--pcr-stages must be in [1, {self.steps}], got {self.pcr_stages}")
+            require(self.pcr_preset in choices(Preset), f"unknown pcr preset '{self.pcr_preset}'")
 
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
-
-        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
-        need(self.strategy in STRATEGIES,
-             f"unknown --strategy '{self.strategy}': expected one of {', '.join(STRATEGIES)}")
-        need(self.n_per_step >= 1, f"--n-per-step must be >= 1, got {self.n_per_step}")
-        need(self.every_k >= 1, f"--every-k must be >= 1, got {self.every_k}")
-        need(self.n_total is None or self.n_total >= 1, f"--total must be >= 1, got {self.n_total}")
-        need(self.ndtc_std > 0, f"ndtc_std must be > 0, got {self.ndtc_std}")
-        need(0.0 <= self.tdac_density_weight <= 1.0, "tdac_density_weight must be in [0, 1]")
-        need(self.tdac_candidates >= 1, "tdac_candidates must be >= 1")
-        need(self.n_trajectories is None or self.n_trajectories >= 1, "n_trajectories must be >= 1")
-        need(self.eta >= 0 and self.dc_eta >= 0, "eta must be >= 0")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
-        need(self.dc_stride >= 1, "dc_stride must be >= 1")
-        need(self.dc_size is None or self.dc_size >= 1, f"--dc-size must be >= 1, got {self.dc_size}")
-        need(self.dc_trajectories >= 1, f"--dc-trajectories must be >= 1, got {self.dc_trajectories}")
-        if self.strategy == "pcr":
-            need(1 <= self.pcr_stages <= self.steps,
-                 f"--pcr-stages must be in [1, {self.steps}], got {self.pcr_stages}")
-            need(self.pcr_preset in ("quick", "paper"), f"unknown pcr preset '{self.pcr_preset}'")
+    def pcr(self) -> PcrConfig:
+        """The typed PCR settings; a UsageError when --bits is missing or malformed."""
+        if not self.pcr_bits:
+            raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
+        return PcrConfig(bits=parse_bits(self.pcr_bits), stages=self.pcr_stages, method=self.pcr_method,
+                         preset=parse_choice(Preset, self.pcr_preset, "pcr preset"), recon=dict(self.pcr_recon or {}))
 
     @property
     def uniform_budget(self) -> int:
@@ -108,7 +106,7 @@ class CalibConfig:
 
     def _drop_unused_pcr(self, d: dict[str, Any]) -> dict[str, Any]:
         """pcr_* fields only matter for strategy pcr (keeps other strategies' resume keys unchanged)."""
-        return d if self.strategy == "pcr" else {k: v for k, v in d.items() if not k.startswith("pcr_")}
+        return d if self.strategy == StrategyName.PCR else {k: v for k, v in d.items() if not k.startswith("pcr_")}
 
     def cqc_dict(self) -> dict[str, Any]:
         """The fields that determine C_QC (what a resumed build compares)."""

@@ -21,10 +21,9 @@ from pqcad_export.errors import PqcadError, UsageError
 from pqcad_export.model_io import LoadedModel
 from pqcad_export.sampling import make_scheduler
 
-from .collect import (_rows, check_cond, conditioning_meta, make_conditioning, model_meta, progress_bar,
-                      run_trajectories)
 from .config import CalibConfig
 from .storage import ShardWriter
+from .trajectories import conditioning_meta, model_meta, progress_bar, resolve_cond, run_trajectories, step_rows
 
 DC_FIELDS = {
     "sample": "z_t: the noisy input at this teacher step, drawn from a stochastic (eta=dc_eta) FP trajectory",
@@ -77,9 +76,7 @@ def collect_cdc(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
     if max(counts.values()) > n_traj:
         raise UsageError(f"C_DC keeps {max(counts.values())} samples per step but only {n_traj} stochastic "
                          f"trajectories are run; raise --dc-trajectories or lower --dc-size")
-    provided = cond is not None
-    cond = cond if provided else make_conditioning(model, n_traj, cfg)
-    check_cond(cond, model, n_traj)
+    cond, provided = resolve_cond(model, cfg, n_traj, cond)
     rng = np.random.default_rng([int(cfg.seed), 0xDC])
     keep = np.zeros((T, n_traj), dtype=bool)
     for s, n in counts.items():
@@ -93,7 +90,7 @@ def collect_cdc(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
         k = keep[i, ids]
         if not k.any():
             return
-        rows = _rows(i, t, x, c, ids, k)
+        rows = step_rows(i, t, x, c, ids, k)
         idx = torch.from_numpy(np.flatnonzero(k)).to(x.device)
         o = out.index_select(0, idx).float()
         rows["x0_pred"] = predicted_x0(sched_cfg, T, rows["sample"], rows["timestep"].to(x.device), o)

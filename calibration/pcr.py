@@ -24,18 +24,25 @@ from pqcad_export.model_io import LoadedModel
 from pqcad_export.sampling import TorchUNet, UNetFn
 
 from .config import CalibConfig
-from .strategies import Strategy, Uniform, register_strategy
+from .storage import ShardWriter
+from .strategies import Strategy, StrategyName, Uniform, get_strategy, register_strategy
+from .trajectories import cqc_meta, model_meta, progress_bar, resolve_cond, run_trajectories, step_rows
 
 
 @register_strategy
 class PCR(Strategy):
-    """Progressive calibration: uniform per-step counts; the collector (`collect_pcr`) decides where the
-    inputs come from (FP for stage 1, the model quantized on earlier stages afterwards)."""
+    """Progressive calibration: uniform per-step counts; its own collector (`collect_pcr`, reached through
+    `Strategy.collect`) decides where the inputs come from (FP for stage 1, the model quantized on earlier stages
+    afterwards)."""
 
-    name = "pcr"
+    name = StrategyName.PCR.value
 
     def counts(self, steps: int) -> np.ndarray:
         return Uniform(self.cfg).counts(steps)
+
+    def collect(self, model: LoadedModel, out_dir: str | Path, device: str | torch.device,
+                cond: Optional[torch.Tensor], quiet: bool) -> dict[str, Any]:
+        return collect_pcr(model, self.cfg, out_dir, device, cond, quiet)
 
     def describe(self) -> dict:
         return {"name": self.name, "n_per_step": self.cfg.n_per_step, "every_k": self.cfg.every_k,
@@ -63,35 +70,24 @@ def collect_pcr(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
     """Collect C_QC progressively into `out_dir` (a set directory); returns the manifest.
 
     on_stage_model(k, quantized_model) is called with the model that drives stage k+1 (k = 1..K-1)."""
-    from pqcad_export.bits import parse_bits
-    from pqcad_export.quantize import ReconConfig, quantize_model
-
-    from .collect import (_rows, check_cond, conditioning_meta, make_conditioning, model_meta, progress_bar,
-                          run_trajectories)
-    from .storage import ShardWriter
-    from .strategies import get_strategy
+    from pqcad_export.quantize import ReconConfig, quantize_model  # lazy: quantize imports torch-heavy modules
 
     cfg.validate()
-    if cfg.strategy != "pcr":
+    if cfg.strategy != StrategyName.PCR:
         raise UsageError(f"collect_pcr needs strategy pcr, got {cfg.strategy}")
-    if not cfg.pcr_bits:
-        raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
-    bits = parse_bits(cfg.pcr_bits)
+    pcr = cfg.pcr()
+    bits = pcr.bits
     T = cfg.steps
-    bounds = stage_bounds(T, cfg.pcr_stages)
-    rcfg = ReconConfig.preset(cfg.pcr_preset, **{"progress": False, "seed": cfg.seed, **(cfg.pcr_recon or {})})
+    bounds = stage_bounds(T, pcr.stages)
+    rcfg = ReconConfig.preset(pcr.preset.value, **{"progress": False, "seed": cfg.seed, **pcr.recon})
     strat = get_strategy(cfg)
     counts = strat.counts(T)
     n_traj = strat.n_trajectories(T)
     if counts.max() > n_traj:
         raise UsageError(f"pcr keeps {int(counts.max())} samples at one step but only {n_traj} trajectories run")
-    provided = cond is not None
-    cond = cond if provided else make_conditioning(model, n_traj, cfg)
-    check_cond(cond, model, n_traj)
+    cond, provided = resolve_cond(model, cfg, n_traj, cond)
     rng = np.random.default_rng([int(cfg.seed), 0xC0C])  # the same draws as `uniform`: stage 1 == uniform
-    keep = np.zeros((T, n_traj), dtype=bool)
-    for i in np.flatnonzero(counts):
-        keep[i, strat.select(int(i), int(counts[i]), np.arange(n_traj), None, rng)] = True
+    keep = strat.keep_mask(counts, n_traj, rng)
 
     writer = ShardWriter(out_dir, "c_qc", cfg.shard_size)
     t0 = time.perf_counter()
@@ -111,7 +107,7 @@ def collect_pcr(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
                                      f"non-finite outputs at step {i}")
                 m = keep[i, ids]
                 if m.any():
-                    stage_rows.append({kk: v.cpu() for kk, v in _rows(i, t, x, c, ids, m).items()})
+                    stage_rows.append({kk: v.cpu() for kk, v in step_rows(i, t, x, c, ids, m).items()})
 
         def fn(x, t, c=None, _drv=driver, _b=b):
             # steps after this stage are not needed: skip the UNet (zeros keep the DDIM update finite)
@@ -134,7 +130,7 @@ def collect_pcr(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
         tq = time.perf_counter()
         calib = _shuffled(collected, cfg.seed + k)
         keys = ["sample", "timestep"] + (["encoder_hidden_states"] if "encoder_hidden_states" in calib else [])
-        qm = quantize_model(model, [{kk: calib[kk] for kk in keys}], bits, cfg.pcr_method, rcfg, device)
+        qm = quantize_model(model, [{kk: calib[kk] for kk in keys}], bits, pcr.method, rcfg, device)
         qm.unet.eval()
         log[-1]["quant_seconds"] = round(time.perf_counter() - tq, 3)
         log[-1]["quant_rows"] = int(calib["sample"].shape[0])
@@ -142,9 +138,5 @@ def collect_pcr(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, devic
             on_stage_model(k, qm)
         driver = TorchUNet(qm.unet)
 
-    meta = model_meta(model, T)
-    meta.update({"strategy": strat.describe(), "seed": cfg.seed, "n_trajectories": n_traj, "eta": cfg.eta,
-                 "conditioning": conditioning_meta(model, cond, provided, cfg), "config": cfg.cqc_dict(),
-                 "pcr": {"stages": log, "bounds": [[a, b - 1] for a, b in bounds]},
-                 "collect_seconds": round(time.perf_counter() - t0, 3)})
-    return writer.close(meta)
+    return writer.close(cqc_meta(model, cfg, strat.describe(), n_traj, cond, provided, time.perf_counter() - t0,
+                                 pcr={"stages": log, "bounds": [[a, b - 1] for a, b in bounds]}))

@@ -6,21 +6,36 @@ A strategy answers two questions:
 
 Data-independent strategies (uniform, NDTC) select uniformly at random, so the collector can decide up front and
 stream. Data-dependent ones (TDAC) set `needs_features` and receive per-candidate features from a forward hook
-on `feature_module(unet)`. New strategies register with `@register_strategy` (PCR's progressive collection
-plugs in the same way once the quantizer exists).
+on `feature_module(unet)`. A strategy that must collect its own way (PCR's progressive collection, pcr.py)
+overrides `collect`. New strategies register with `@register_strategy`; `StrategyName` lists the built-in ones and
+`strategy_choices()` every registered one (for click choices).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Optional
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import numpy as np
 import torch
 from scipy.stats import norm
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: config.py imports this module, not the other way round
+    from pqcad_export.model_io import LoadedModel
+
     from .config import CalibConfig
+
+
+class StrategyName(str, Enum):
+    """The built-in C_QC selection strategies (registered below and in pcr.py)."""
+
+    UNIFORM = "uniform"   # Q-Diffusion / TFMQ-DM
+    NDTC = "ndtc"         # PTQ4DM
+    TDAC = "tdac"         # EDA-DM
+    PCR = "pcr"           # PCR progressive calibration
+
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -28,6 +43,11 @@ STRATEGIES: dict[str, type["Strategy"]] = {}
 def register_strategy(cls: type["Strategy"]) -> type["Strategy"]:
     STRATEGIES[cls.name] = cls
     return cls
+
+
+def strategy_choices() -> list[str]:
+    """Every registered strategy name (the built-ins of `StrategyName` plus any registered later)."""
+    return list(STRATEGIES)
 
 
 def get_strategy(cfg: "CalibConfig") -> "Strategy":
@@ -81,7 +101,20 @@ class Strategy(ABC):
                              f"raise the trajectory count or lower the per-step budget")
         return np.sort(rng.choice(len(candidates), size=n, replace=False))
 
+    def keep_mask(self, counts: np.ndarray, n_traj: int, rng: np.random.Generator) -> np.ndarray:
+        """[T, n_traj] bool: which trajectory's z_t is kept at each step, decided up front (data-independent)."""
+        keep = np.zeros((len(counts), n_traj), dtype=bool)
+        for i in np.flatnonzero(counts):
+            keep[i, self.select(int(i), int(counts[i]), np.arange(n_traj), None, rng)] = True
+        return keep
+
     def feature_module(self, unet: torch.nn.Module) -> Optional[torch.nn.Module]:
+        return None
+
+    def collect(self, model: "LoadedModel", out_dir: str | Path, device: str | torch.device,
+                cond: Optional[torch.Tensor], quiet: bool) -> Optional[dict[str, Any]]:
+        """A strategy with its own collector writes the set and returns its manifest; None (the default) lets
+        `collect_cqc` stream the FP trajectories."""
         return None
 
     def describe(self) -> dict:
@@ -92,7 +125,7 @@ class Strategy(ABC):
 class Uniform(Strategy):
     """n_fixed inputs at every k-th step (Q-Diffusion, TFMQ-DM): equal weight for all timesteps."""
 
-    name = "uniform"
+    name = StrategyName.UNIFORM.value
 
     def counts(self, steps: int) -> np.ndarray:
         c = np.zeros(steps, dtype=np.int64)
@@ -112,7 +145,7 @@ class NDTC(Strategy):
     the result reproducible. μ = ndtc_mean·T (mid-trajectory by default), σ = ndtc_std·T.
     """
 
-    name = "ndtc"
+    name = StrategyName.NDTC.value
 
     def total(self) -> int:
         return int(self.cfg.n_total) if self.cfg.n_total is not None else self.cfg.uniform_budget
@@ -162,7 +195,7 @@ class TDAC(Strategy):
     (density + variety of mid-block features, see `tdac_scores`). Per-step budget: `uniform`'s (every k-th
     step, n_per_step each); candidates per step = tdac_candidates x n_t trajectories."""
 
-    name = "tdac"
+    name = StrategyName.TDAC.value
     needs_features = True
 
     def counts(self, steps: int) -> np.ndarray:

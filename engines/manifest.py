@@ -31,7 +31,7 @@ class EngineInfo:
     timestep_dtype: str = "float32"
     batch_profile: Optional[list[int]] = None  # [min, opt, max] batch where the backend has a profile
     device: str = "cpu"
-    executed: bool = False            # True only if the engine ran here (see ARCHITECTURE "Honesty rules")
+    executed: bool = False            # True only if the engine ran here (docs/architecture.md, "Honesty rules")
     validated: bool = False           # True if a real TensorRT-family parser/builder accepted the graph
     precision: dict[str, Any] = field(default_factory=dict)  # summary: counts of int8/int4/float layers, kernels
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-layer precision where known

@@ -1,5 +1,5 @@
 """Atomic file writes: a temp file in the same directory, fsync, then rename over the target, so a killed run
-never leaves a half-written artifact (ARCHITECTURE.md: "Files are written atomically")."""
+never leaves a half-written artifact (docs/architecture.md: "Files are written atomically")."""
 
 from __future__ import annotations
 

@@ -11,9 +11,10 @@ from functools import wraps
 
 import click
 
+from .config_base import Preset, choices
 from .errors import PqcadError
 
-PRESETS = click.Choice(["quick", "paper"])
+PRESETS = click.Choice(choices(Preset))
 MODEL_HELP = "diffusers UNet directory (model or pipeline layout); default: the built-in Fashion-MNIST teacher"
 
 

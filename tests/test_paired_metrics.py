@@ -1,16 +1,11 @@
-"""tools/paired_metrics.py: paired pixel error of sample sets drawn from the same noise (no features)."""
+"""research.paired_metrics: paired pixel error of sample sets drawn from the same noise (no features)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("paired_metrics",
-                                               Path(__file__).parents[1] / "tools" / "paired_metrics.py")
-pm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pm)
+from research import paired_metrics as pm
 
 
 def test_paired_pixel_error_and_cli(tmp_path):

@@ -1,9 +1,6 @@
-"""tools/results.py (the paper-tables job graph): graph consistency and table rendering (no GPU, no training)."""
+"""research.results (the paper-tables job graph): graph consistency and table rendering (no GPU, no training)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,17 +8,14 @@ import pytest
 from pqcad_export.errors import UsageError
 from pqcad_export.quantize import PQConfig, ReconConfig
 
-_spec = importlib.util.spec_from_file_location("results_tool", Path(__file__).parents[1] / "tools" / "results.py")
-results = importlib.util.module_from_spec(_spec)
-sys.modules["results_tool"] = results  # dataclasses look their module up there
-_spec.loader.exec_module(results)
+from research.results import cli, jobs as job_bodies, plan as graph, scheduler, tables
 
 
-@pytest.mark.parametrize("plan", sorted(results.PLANS))
+@pytest.mark.parametrize("plan", sorted(graph.PLANS))
 def test_job_graph_is_closed_and_acyclic(plan):
-    jobs = results.build_jobs(results.PLANS[plan], timing=True)
+    jobs = graph.build_jobs(graph.PLANS[plan], timing=True)
     for j in jobs.values():
-        assert j.kind in results.JOB_BODIES
+        assert j.kind in job_bodies.JOB_BODIES
         assert all(d in jobs for d in j.deps), (j.name, j.deps)
     done: set = set()
     while len(done) < len(jobs):  # topological peel: fails (no progress) on a cycle
@@ -31,10 +25,10 @@ def test_job_graph_is_closed_and_acyclic(plan):
     # every evaluated model is scored, and every table row has a job behind it
     assert {n[len("eval-"):] for n in jobs if n.startswith("eval-")} == \
            {n[len("score-"):] for n in jobs if n.startswith("score-")}
-    for b in results.BITS:
-        for key, _ in results.ROW_LABELS:
+    for b in graph.BITS:
+        for key, _ in tables.ROW_LABELS:
             assert f"score-{key.format(b=b)}" in jobs
-    for key, _ in results.ABLATION_LABELS:
+    for key, _ in tables.ABLATION_LABELS:
         assert f"score-{key}" in jobs
 
 
@@ -49,7 +43,7 @@ def test_tables_render_measured_values_and_mark_missing(tmp_path):
     p.write_text(json.dumps({"jobs": jobs}))
     md = tmp_path / "R.md"
     md.write_text("intro\n<!-- RESULTS-TABLES -->\nold\n<!-- /RESULTS-TABLES -->\nend\n")
-    assert results.main(["tables", "--results", str(p), "--md", str(md)]) == 0
+    assert cli.main(["tables", "--results", str(p), "--md", str(md)]) == 0
     text = md.read_text()
     assert "old" not in text and text.startswith("intro") and text.rstrip().endswith("end")
     assert "| FP32, 100 steps | 7.04 | 0.00 | 32.70 | 0.637 | 0.691 | 100 |" in text
@@ -65,28 +59,28 @@ def test_recon_config_accepts_pq_settings_as_dict():
 
 
 def test_blocked_is_transitive():
-    jobs = {"a": results.Job("a", "quant"), "b": results.Job("b", "cad", ["a"]),
-            "c": results.Job("c", "eval", ["b"]), "d": results.Job("d", "eval")}
+    jobs = {"a": graph.Job("a", "quant"), "b": graph.Job("b", "cad", ["a"]),
+            "c": graph.Job("c", "eval", ["b"]), "d": graph.Job("d", "eval")}
     states = {"a": "failed", "b": "todo", "c": "todo", "d": "todo"}
-    assert results._blocked(jobs, states) == {"a", "b", "c"}
+    assert scheduler.blocked(jobs, states) == {"a", "b", "c"}
 
 
 def test_only_selects_matches_with_their_dependencies_in_pattern_order():
-    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
-    sel = results.select_jobs(jobs, ["score-cad-w4a8-pq-em", "quant-w8a8-direct"])
+    jobs = graph.build_jobs(graph.PLANS["smoke"], timing=False)
+    sel = scheduler.select_jobs(jobs, ["score-cad-w4a8-pq-em", "quant-w8a8-direct"])
     names = list(sel)
     # the score job pulls its whole chain: eval, the student, the PQ teacher, calibration, CAD images, refstats,
     # and the FP32 evaluation FID-to-FP32 needs; nothing else
     assert set(names) == {"score-cad-w4a8-pq-em", "eval-cad-w4a8-pq-em", "cad-w4a8-pq-em", "quant-w4a8-pq",
                           "calib-uniform", "cad-images", "refstats", "eval-fp32-100", "quant-w8a8-direct"}
     assert names[-1] == "quant-w8a8-direct"  # second pattern starts last
-    assert results.select_jobs(jobs, []) is jobs
+    assert scheduler.select_jobs(jobs, []) is jobs
     with pytest.raises(SystemExit, match="matches no job"):
-        results.select_jobs(jobs, ["quant-w2a2-*"])
+        scheduler.select_jobs(jobs, ["quant-w2a2-*"])
 
 
 def test_sampling_does_not_wait_for_fid_weights_but_scoring_does():
-    jobs = results.build_jobs(results.PLANS["gpu"], timing=False)
+    jobs = graph.build_jobs(graph.PLANS["gpu"], timing=False)
     assert jobs["eval-quant-w4a8-pq"].deps == ["quant-w4a8-pq"]
     assert "eval-fp32-100" in jobs["score-quant-w4a8-pq"].deps and jobs["eval-fp32-100"].deps == []
     assert all(j.params.get("images", "cad-images") in j.deps for j in jobs.values() if j.kind == "cad")
@@ -99,13 +93,13 @@ def test_eval_waits_for_weights_after_sampling_without_failing(tmp_path):
     d.mkdir(parents=True)
     np.save(d / "images.npy", np.zeros((4, 1, 32, 32), np.uint8))
     (d / "sampled.json").write_text(json.dumps({"samples": 4, "steps": 100, "sampling_seconds": 0.1}))
-    rc = results.main(["job", "--work", str(tmp_path), "--plan", "smoke", "--weights", str(tmp_path / "none.pt"),
+    rc = cli.main(["job", "--work", str(tmp_path), "--plan", "smoke", "--weights", str(tmp_path / "none.pt"),
                        "eval-fp32-100"])
-    assert rc == results.WAITING_RC
-    assert results._state(tmp_path, "eval-fp32-100") == "todo"  # neither done nor failed; its process has ended
+    assert rc == job_bodies.WAITING_RC
+    assert scheduler.job_state(tmp_path, "eval-fp32-100") == "todo"  # neither done nor failed; its process has ended
     args = type("A", (), {"work": str(tmp_path), "weights": str(tmp_path / "none.pt")})
-    assert not results._inputs_ready(results.Job("eval-fp32-100", "eval"), args)  # sampled: needs the weights now
-    assert results._inputs_ready(results.Job("eval-fp32-50", "eval"), args)      # not sampled yet: may start
+    assert not scheduler.inputs_ready(graph.Job("eval-fp32-100", "eval"), args)  # sampled: needs the weights now
+    assert scheduler.inputs_ready(graph.Job("eval-fp32-50", "eval"), args)      # not sampled yet: may start
 
 
 def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
@@ -114,16 +108,16 @@ def test_job_started_by_another_live_scheduler_is_not_started_again(tmp_path):
     d = tmp_path / "jobs" / "quant-w4a8-pq"
     d.mkdir(parents=True)
     (d / "pid").write_text(str(os.getpid()))
-    assert results._state(tmp_path, "quant-w4a8-pq") == "elsewhere"
+    assert scheduler.job_state(tmp_path, "quant-w4a8-pq") == "elsewhere"
     (d / "pid").write_text("999999999")
-    assert results._state(tmp_path, "quant-w4a8-pq") == "todo"
+    assert scheduler.job_state(tmp_path, "quant-w4a8-pq") == "todo"
 
 
 def test_scheduler_records_its_own_pid_before_doing_anything(tmp_path):
     """results_device.sh tells a live scheduler by this file (in run 6 the shell's `$!` of it did not work)."""
     import os
 
-    rc = results.main(["run", "--work", str(tmp_path / "w"), "--plan", "smoke", "--until", "1e-9",
+    rc = cli.main(["run", "--work", str(tmp_path / "w"), "--plan", "smoke", "--until", "1e-9",
                        "--only", "quant-w4a8-pq"])
     assert rc == 0
     assert (tmp_path / "w" / "scheduler.pid").read_text() == str(os.getpid())
@@ -142,47 +136,47 @@ def test_tables_merge_runs_later_wins_but_keeps_earlier_done(tmp_path):
         files[-1].write_text(json.dumps({"jobs": jobs}))
     md = tmp_path / "R.md"
     md.write_text("<!-- RESULTS-TABLES -->\n<!-- /RESULTS-TABLES -->\n")
-    assert results.main(["tables", "--results", *map(str, files), "--md", str(md)]) == 0
+    assert cli.main(["tables", "--results", *map(str, files), "--md", str(md)]) == 0
     text = md.read_text()
     assert "| FP32, 100 steps | 7.04 |" in text and "no data" not in text
     assert "| w4a8 | 0.04000 |" in text
 
 
 def test_only_does_not_rerun_what_a_finished_job_needed():
-    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
-    sel = results.select_jobs(jobs, ["eval-cad-w4a8-pq-em"], is_done=lambda n: n == "cad-w4a8-pq-em")
+    jobs = graph.build_jobs(graph.PLANS["smoke"], timing=False)
+    sel = scheduler.select_jobs(jobs, ["eval-cad-w4a8-pq-em"], is_done=lambda n: n == "cad-w4a8-pq-em")
     assert set(sel) == {"eval-cad-w4a8-pq-em", "cad-w4a8-pq-em"}  # no calibration, CAD images or quantization
 
 
 def test_cad_variants_get_their_overrides_and_others_keep_the_defaults():
     from types import SimpleNamespace
 
-    jobs = results.build_jobs(results.PLANS["smoke"], timing=False)
-    ctx = SimpleNamespace(plan=results.PLANS["smoke"])
+    jobs = graph.build_jobs(graph.PLANS["smoke"], timing=False)
+    ctx = SimpleNamespace(plan=graph.PLANS["smoke"])
     lam10 = jobs["cad-w4a8-pq-em-lam10"]
     assert lam10.deps == ["quant-w4a8-pq", "calib-uniform", "cad-images"]
-    cfg = results._cad_config(ctx, lam10.params["loss"], lam10.params.get("overrides"))
+    cfg = job_bodies.cad_config(ctx, lam10.params["loss"], lam10.params.get("overrides"))
     assert cfg.lam == 10.0 and cfg.calib_loss == "em"
     plain = jobs["cad-w4a8-pq-em"]
-    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
-    assert results._cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).kd_teacher == "quantized"
+    assert job_bodies.cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).lam == 1.0
+    assert job_bodies.cad_config(ctx, plain.params["loss"], plain.params.get("overrides")).kd_teacher == "quantized"
     for bits in ("w8a8", "w4a8"):
         fpkd = jobs[f"cad-{bits}-pq-em-fpkd"]
-        cfg = results._cad_config(ctx, fpkd.params["loss"], fpkd.params.get("overrides"))
+        cfg = job_bodies.cad_config(ctx, fpkd.params["loss"], fpkd.params.get("overrides"))
         assert cfg.kd_teacher == "fp" and cfg.calib_loss == "em" and fpkd.params["quant"] == f"quant-{bits}-pq"
     for loss in ("em", "none"):  # the second CAD seed: only the seed differs from the first
         one, two = jobs[f"cad-w4a8-pq-{loss}"], jobs[f"cad-w4a8-pq-{loss}-seed1"]
-        c1 = results._cad_config(ctx, one.params["loss"], one.params.get("overrides"))
-        c2 = results._cad_config(ctx, two.params["loss"], two.params.get("overrides"))
+        c1 = job_bodies.cad_config(ctx, one.params["loss"], one.params.get("overrides"))
+        c2 = job_bodies.cad_config(ctx, two.params["loss"], two.params.get("overrides"))
         assert (c1.seed, c2.seed) == (0, 1) and c2.with_overrides(seed=0) == c1
         # its training images come from their own job, drawn with its seed (distill() would redraw on a mismatch)
         imgs = jobs[two.params["images"]]
         assert two.deps == [*one.deps[:2], imgs.name] and imgs.kind == "cad_images"
-        assert results._cad_config(ctx, "em", imgs.params.get("overrides")).seed == c2.seed
+        assert job_bodies.cad_config(ctx, "em", imgs.params.get("overrides")).seed == c2.seed
     assert jobs["cad-w8a8-pq-kl"].params == {"quant": "quant-w8a8-pq", "loss": "kl"}
     assert "eval-cad-w8a8-pq-em-lam10" in jobs and "score-cad-w8a8-pq-kl" in jobs
     fp = jobs["cad-fp32"]  # the FP32 Distill-only row: no quantized teacher, no calibration set
-    assert fp.kind == "cad_fp" and fp.deps == ["cad-images"] and results._cad_config(ctx, "none").calib_loss == "none"
+    assert fp.kind == "cad_fp" and fp.deps == ["cad-images"] and job_bodies.cad_config(ctx, "none").calib_loss == "none"
     assert jobs["eval-cad-fp32"].params["type"] == "fp_dir" and jobs["eval-cad-fp32"].params["steps"] == 50
     pcr = jobs["cad-w4a8-pq-pcr-em"]  # PQCAD on the PCR-calibrated teacher
     assert pcr.deps == ["quant-w4a8-pq-pcr", "calib-uniform", "cad-images"] and pcr.params["quant"] == pcr.deps[0]
@@ -196,7 +190,7 @@ def test_collect_keeps_rows_of_jobs_outside_this_runs_selection(tmp_path):
         (work / "jobs" / name / "done.json").write_text(json.dumps({"fid": fid}))
     (work / "jobs" / "score-fp32-50").mkdir()  # started, never finished: not a row
     (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": ["score-quant-w4a8-pq-pcr"]}))
-    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    assert cli.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
     got = json.loads((tmp_path / "c" / "results.json").read_text())["jobs"]
     assert got == {"score-quant-w4a8-pq-pcr": {"status": "done", "fid": 35.5},
                    "score-cad-w8a8-pq-kl": {"status": "done", "fid": 32.0}}
@@ -210,7 +204,7 @@ def test_collect_copies_each_jobs_own_log(tmp_path):
         for f, text in files.items():
             (work / "jobs" / name / f).write_text(json.dumps(text))
     (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": ["quant-w4a8-pq"]}))
-    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    assert cli.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "quant-w4a8-pq.log.json").read_text()) == "q"
     assert json.loads((tmp_path / "c" / "cad-w4a8-pq-em.log.json").read_text()) == "c"
 
@@ -221,7 +215,7 @@ def test_sample_grid_has_the_headline_rows_then_the_other_students(tmp_path):
         (work / "jobs" / f"eval-{row}").mkdir(parents=True)
         np.save(work / "jobs" / f"eval-{row}" / "images.npy", np.zeros((12, 1, 28, 28), np.uint8))
     (work / "plan.json").write_text(json.dumps({"plan": {"name": "gpu"}, "jobs": []}))
-    assert results.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
+    assert cli.main(["collect", "--work", str(work), "--out", str(tmp_path / "c")]) == 0
     rows = json.loads((tmp_path / "c" / "samples_rows.json").read_text())["rows_top_to_bottom"]
     assert rows == ["fp32-100", "cad-w4a8-pq-em", "cad-w4a8-pq-kl"]
     assert (tmp_path / "c" / "samples_rows.png").stat().st_size > 0

@@ -24,7 +24,7 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--kd-teacher", default=None, type=click.Choice(["quantized", "fp"]),
               help="CAD's KD target: the 100-step quantized teacher's two DDIM steps (paper, default) or the FP "
                    "model's (not the paper's; the student stays quantized; on the built-in teacher it is the "
-                   "better student, docs/RESULTS.md, Run 7)")
+                   "better student, docs/RESULTS.md)")
 @click.option("--teacher-steps", default=100, show_default=True, help="DDIM steps of the FP / quantized teacher")
 @click.option("--student-steps", default=50, show_default=True, help="DDIM steps of the CAD student (= half)")
 @click.option("--backend", default="auto", show_default=True,

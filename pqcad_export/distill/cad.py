@@ -346,6 +346,13 @@ class _Trainer:
         torch.set_rng_state(ck["torch_rng"])
 
 
+
+def cad_trainer(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
+                images: torch.Tensor, device: torch.device) -> _Trainer:
+    """CAD's training loop object (KD batches, losses, optimiser) without running it: for studies of the loss."""
+    return _Trainer(teacher, scheduler_config, cdc, cfg, images, device)
+
+
 def _check_kd_teacher(cfg: CadConfig, fp_unet: Optional[nn.Module]) -> None:
     if cfg.kd_teacher == "fp" and fp_unet is None:
         raise PqcadError("--kd-teacher fp needs the FP model the quantized teacher was made from (--model)")

@@ -54,7 +54,7 @@ def export_quantized(quantized_dir: str | Path, out_onnx: str | Path, cfg: Optio
 
 
 def _labels(q, res) -> list[str]:
-    """What actually runs, in the report's words (ARCHITECTURE 'Quantization conventions')."""
+    """What actually runs, in the report's words (docs/architecture.md, 'Quantization conventions')."""
     wb = sorted({m.weight_bits for _, m in q.quant_layers()})
     out = []
     if 4 in wb:

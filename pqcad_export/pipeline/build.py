@@ -1,5 +1,5 @@
 """`build`: calibrate -> quantize (PQ) -> distill (CAD) -> export (+ lint, parity) -> engine -> compare, into one
-run directory (ARCHITECTURE.md "Run directory"). Each stage is skipped when its inputs did not change and resumes
+run directory (docs/architecture.md, "Run directory"). Each stage is skipped when its inputs did not change and resumes
 from its own checkpoints when it was interrupted (per block in PQ, every N iterations in CAD).
 """
 

@@ -1,6 +1,6 @@
 """`compare`: latency and quality of candidates (engines, optionally the PyTorch fake-quant student) against the
-FP32 teacher sampled with 100 DDIM steps in PyTorch. Writes report/compare.json (ARCHITECTURE.md's contract),
-compare.png and samples.png. A number that cannot be measured is null with a note, never invented.
+FP32 teacher sampled with 100 DDIM steps in PyTorch. Writes report/compare.json (docs/architecture.md, "Report
+contract"), compare.png and samples.png. A number that cannot be measured is null with a note, never invented.
 """
 
 from __future__ import annotations

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Which student steps drive CAD's updates? Per student timestep: the unweighted KD error of the initial student
 (= the quantized teacher, so the error is the 2-steps-vs-1-step gap), the norm of its gradient, and each step's
 share of the gradient under the two weightings of Eq. (8): max(SNR, 1) (the paper's, CadConfig default) and SNR
@@ -14,7 +13,7 @@ lr 5e-5 or --lr, the dataset's images) and records the per-step KD loss, the 50-
 and how far the student moved (changed integers, largest activation-step change): with --lr 5e-7 the fixed-batch
 KD loss at t = 999 still moves by tens of percent while no integer changes (it does not track the model).
 
-    python tools/cad_weighting_check.py --quantized W/jobs/quant-w4a8-pq --data /usr/share/datasets/fashion-mnist \
+    python -m research.cad_weighting_check --quantized W/jobs/quant-w4a8-pq --data /usr/share/datasets/fashion-mnist \
         --out docs/results/cad_weighting_w4a8.json [--train 300 --train-out docs/results/cad_weighting_cpu_runs.json]
 """
 
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pqcad_export.atomic import atomic_write_json  # noqa: E402
+from pqcad_export.atomic import atomic_write_json
 
 
 def main(argv=None) -> int:
-    from pqcad_export.distill.cad import CdcBank, _Trainer, images_from_dataset, kd_weight
+    from pqcad_export.distill.cad import CdcBank, cad_trainer, images_from_dataset, kd_weight
     from pqcad_export.distill.config import CadConfig
     from pqcad_export.quantize import load_quantized
 
@@ -57,7 +55,7 @@ def main(argv=None) -> int:
     q = load_quantized(a.quantized, "cpu")
     imgs = images_from_dataset(a.data, 512, q.sample_shape)
     cfg = CadConfig.preset("paper", calib_loss="none", lam=0.0, batch_size=a.batch)
-    tr = _Trainer(q.unet, q.scheduler_config, CdcBank({}), cfg, imgs, torch.device("cpu"))
+    tr = cad_trainer(q.unet, q.scheduler_config, CdcBank({}), cfg, imgs, torch.device("cpu"))
     params = [p for g in tr.opt.param_groups for p in g["params"]]
     rows = []
     for i, t in enumerate(int(x) for x in tr.grid):

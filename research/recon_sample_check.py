@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Does a reconstruction setting keep the teacher's samples? Quantize the built-in teacher with a preset plus
 overrides, then compare a few DDIM samples with the FP32 ones from the same noise (relative MSE) and save both rows
 as a PNG. A quick CPU sanity check for budgets and learning rates (docs/RESULTS.md, the learning-rate table).
 
-    python tools/recon_sample_check.py --calib runs/w4a8/calib --preset paper --set iters=60 act_iters=15 \\
+    python -m research.recon_sample_check --calib runs/w4a8/calib --preset paper --set iters=60 act_iters=15 \\
         max_calib=128 fisher=False w_lr=0.05 a_lr=0.001
 """
 
@@ -14,11 +13,9 @@ import ast
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 
 def main() -> int:

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Time block reconstruction on a CIFAR-size UNet (google/ddpm-cifar10-32 architecture, 35.7M params, random
 weights built from its config) at W4A8: seconds per block and in total, as JSON.
 
 Needs only torch + diffusers + numpy + safetensors (+ this repository on the path). Example (GPU machine):
-    python tools/time_reconstruction.py --device cuda --iters 2000 --out /tmp/recon_timing.json
+    python -m research.time_reconstruction --device cuda --iters 2000 --out /tmp/recon_timing.json
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 # google/ddpm-cifar10-32 unet/config.json
 CIFAR10_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Wall time of a whole `pqcad-export build` (calibrate -> PQ -> CAD -> export -> engine -> report) with a stated
 iteration budget, for the built-in teacher or a CIFAR-size UNet (google/ddpm-cifar10-32 architecture, 35.7M params,
 random weights: the timing does not depend on them). Writes the per-stage seconds and the machine as JSON.
@@ -6,7 +5,7 @@ random weights: the timing does not depend on them). Writes the per-stage second
 The build is resumable, so a timing can span several device calls of <= 10 minutes while the machine stays warm:
 rerun the same command and the finished stages keep the seconds they took (the JSON sums the stages, not the
 reruns). Example (GPU machine, ORT CPU engine since it has no TensorRT):
-    python tools/time_build.py --model cifar10-32 --out /tmp/tb_cifar --device cuda --backend onnxruntime \
+    python -m research.time_build --model cifar10-32 --out /tmp/tb_cifar --device cuda --backend onnxruntime \
         --quant-iters 2000 --act-iters 500 --distill-iters 1000 --json /tmp/tb_cifar.json
 """
 
@@ -20,10 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
 
 def cifar_model_dir(root: Path, seed: int) -> Path:
@@ -31,7 +28,7 @@ def cifar_model_dir(root: Path, seed: int) -> Path:
     from diffusers import UNet2DModel
 
     from pqcad_export.model_io import DEFAULT_SCHEDULER_CONFIG, save_model
-    from time_reconstruction import CIFAR10_CONFIG
+    from research.time_reconstruction import CIFAR10_CONFIG
 
     out = root / "model-cifar10-32"
     if not (out / "config.json").is_file():

@@ -5,7 +5,7 @@ On the GPU PQ's detector fires within its first readings of every block, so PQ i
 short 8-bit warm start (docs/RESULTS.md, "Goals"); this measures whether letting the 8-bit stage run longer, at
 the same total budget, lowers the block error the reconstruction minimises.
 
-    python tools/pq_transition_study.py --iters 800 --out docs/results/pq_transition_study_800.json
+    python -m research.pq_transition_study --iters 800 --out docs/results/pq_transition_study_800.json
 """
 
 from __future__ import annotations

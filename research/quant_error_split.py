@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Where does a quantized model's sample error come from: its integer weights or its 8-bit activations, and how
 does it grow with the number of sampling steps? Samples the FP model and each quantized model from the same noise,
 once as quantized and once with activation quantization off (weights stay on their integer grid), at 100 and 50
@@ -6,7 +5,7 @@ DDIM steps, and reports the paired pixel MSE ([0, 1] units) to the FP model's sa
 
 Why: on the built-in teacher even W8A8 lands 25-27 FID above FP32 (docs/RESULTS.md, run 3), far from the paper.
 
-    python tools/quant_error_split.py W/jobs/quant-w8a8-pq W/jobs/quant-w4a8-pq --n 64 \
+    python -m research.quant_error_split W/jobs/quant-w8a8-pq W/jobs/quant-w4a8-pq --n 64 \
         --out docs/results/quant_error_split.json
 """
 
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pqcad_export.atomic import atomic_write_json  # noqa: E402
+from pqcad_export.atomic import atomic_write_json
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Compare the sample sets of tools/results.py evaluations against one reference row without the data: every row
+"""Compare the sample sets of research.results evaluations against one reference row without the data: every row
 starts from the same initial noise (seed 0), so sample i of a quantized model and sample i of the FP32 model are a
 pair. Reports the paired pixel MSE / PSNR over all samples and, when --fid-samples > 0, FID-to-reference on the
 first N samples of each row plus the floor of such a small-sample FID (the reference's samples N..2N against its
@@ -7,7 +6,7 @@ first N), TF-Inception pool3 features cached per row, so a rerun resumes.
 
 Used when the 10k-sample FIDs could not be finished on the GPU (docs/RESULTS.md says which numbers came from here):
 
-    python tools/paired_metrics.py --ref WORK/jobs/eval-fp32-100 WORK/jobs/eval-quant-w4a8-* --fid-samples 1000 \\
+    python -m research.paired_metrics --ref WORK/jobs/eval-fp32-100 WORK/jobs/eval-quant-w4a8-* --fid-samples 1000 \\
         --out docs/results/gpu/paired_w4a8.json
 """
 
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pqcad_export.atomic import atomic_write_json  # noqa: E402
+from pqcad_export.atomic import atomic_write_json
 
 
 def paired_pixel(a: np.ndarray, b: np.ndarray) -> dict:

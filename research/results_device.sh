@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One call of the GPU results run (tools/results.py) on the lent device machine, whose calls last at most 10 minutes,
+# One call of the GPU results run (python -m research.results) on the lent device machine, whose calls last at most 10 minutes,
 # carry at most 64 MiB and lose /tmp when the machine goes back. Each call:
 #   - installs the carried wheels (.whl/) once per machine and copies this checkout to /tmp/repo;
 #   - takes what arrives in parts: .gpu/w1/part1 + .gpu/w2/part2 (the 87 MB TF-Inception weights, joined and
 #     sha1-checked by the scheduler), .gpu/data/train-images-idx3-ubyte.gz (FID reference images);
 #   - on a fresh machine, unpacks the previous call's work pack (.gpu/pack/work.tgz.*) so finished models survive;
 #   - starts the scheduler in its own session (it outlives the call while the machine stays warm), or, when
-#     arguments are given and one runs already, replaces it (jobs it started run on; see results.py "elsewhere");
+#     arguments are given and one runs already, replaces it (jobs it started run on; see research/results/scheduler.py "elsewhere");
 #   - waits SECS seconds (default 400) or until the scheduler ends, then returns under $OUT: collect.tgz
 #     (results.json, figures, logs), work.tgz.* (finished models, no samples; PACK=all adds the checkpoints of
 #     unfinished jobs, PACK=0 skips it) and sched.log.
-# Usage (from the repository root, on the device): SECS=400 bash tools/results_device.sh [--only PATTERN ...]
+# Usage (from the repository root, on the device): SECS=400 bash research/results_device.sh [--only PATTERN ...]
 # SECS is the wait, not the call: status, collect and pack follow, each under a timeout (60 + 120 + 120 s at most;
 # the jobs run at nice 10, so they take seconds). Run 3 and run 6 calls with SECS=330-530 hit the 600 s limit while
 # the jobs ran at normal priority; keep SECS <= 450, and PACK=0 in a last call whose results arrive in collect.tgz.
@@ -47,7 +47,7 @@ fi
 # refreshed every call: jobs started from now on run this checkout's code (running ones keep theirs). Each file is
 # unlinked before it is written, never truncated in place: run 7's call 2 rewrote the teacher's safetensors while
 # two CAD jobs were mapping it, and both died of SIGBUS (the scheduler restarted them)
-mkdir -p "$R" && cp -r --remove-destination pqcad_export calibration engines tools pyproject.toml "$R"/
+mkdir -p "$R" && cp -r --remove-destination pqcad_export calibration engines research tools pyproject.toml "$R"/
 # the scheduler writes its own pid ($W/scheduler.pid); a call without arguments continues the last selection
 # (remembered in /tmp/sched.args) and never falls back to the whole graph
 running() { [ -f "$W"/scheduler.pid ] && kill -0 "$(cat "$W"/scheduler.pid)" 2>/dev/null; }
@@ -59,7 +59,7 @@ elif [ -f /tmp/sched.args ]; then
 fi
 if ! running; then
   # jobs run niced so that this script's status / collect / pack stay quick next to 16 busy cores
-  (cd "$R" && setsid nohup nice -n 10 python3 tools/results.py run --work "$W" --plan "$PLAN" \
+  (cd "$R" && setsid nohup nice -n 10 python3 -m research.results run --work "$W" --plan "$PLAN" \
      --weights /tmp/fid/default_1.pt --data /tmp/fm --detach-children "$@" >> /tmp/sched.log 2>&1 &)
   for _ in $(seq 30); do running && break; sleep 1; done
   running || { echo "the scheduler did not start:"; tail -20 /tmp/sched.log; }
@@ -68,8 +68,8 @@ nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
 while [ $(( $(date +%s) - T0 )) -lt "$SECS" ] && running; do sleep 10; done
 cp /tmp/sched.log "$OUT"/sched.log
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
-timeout 60 python3 "$R"/tools/results.py status --work "$W"
-timeout 120 python3 "$R"/tools/results.py collect --work "$W" --out /tmp/collect >/dev/null \
+(cd "$R" && timeout 60 python3 -m research.results status --work "$W")
+(cd "$R" && timeout 120 python3 -m research.results collect --work "$W" --out /tmp/collect >/dev/null) \
   && tar czf "$OUT"/collect.tgz -C /tmp collect
 # finished models and records; not samples/features (evaluations rerun), the reference features (140 MB, recomputed
 # in about 70 s) nor calibration sets (seeded, redrawn in 30 s); the CAD images stay (seeded too, but 280 s to draw,

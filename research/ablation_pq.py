@@ -1,31 +1,28 @@
-#!/usr/bin/env python3
 """PQ vs direct vs bit-shrink at the same iteration budget (issue 4's measurement): per-method geometric-mean
 block perturbation, Delta_Pert vs direct, and FID-to-FP32 of the 100-step quantized model (PyTorch fake-quant)
 against the FP32 100-step teacher from the same initial noise.
 
-    python tools/ablation_pq.py --calib runs/w4a8/calib --bits w4a8 --samples 10000 --preset paper --device cuda
-    python tools/ablation_pq.py --calib runs/w4a8/calib --samples 100          # CPU smoke scale (quick preset)
+    python -m research.ablation_pq --calib runs/w4a8/calib --bits w4a8 --samples 10000 --preset paper --device cuda
+    python -m research.ablation_pq --calib runs/w4a8/calib --samples 100          # CPU smoke scale (quick preset)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.storage import open_set  # noqa: E402
-from pqcad_export.bits import parse_bits  # noqa: E402
-from pqcad_export.metrics import InceptionFeatures, fid_from_features  # noqa: E402
-from pqcad_export.model_io import load_model  # noqa: E402
-from pqcad_export.quantize import ReconConfig, quantize_model  # noqa: E402
-from pqcad_export.quantize.progressive import delta_pert  # noqa: E402
-from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample, to_uint8  # noqa: E402
+from calibration.storage import open_set
+from pqcad_export.bits import parse_bits
+from pqcad_export.metrics import InceptionFeatures, fid_from_features
+from pqcad_export.model_io import load_model
+from pqcad_export.quantize import ReconConfig, quantize_model
+from pqcad_export.quantize.progressive import delta_pert
+from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample, to_uint8
 
 
 def main() -> None:
