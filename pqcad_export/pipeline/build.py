@@ -50,9 +50,26 @@ class BuildConfig:
     qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
     relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
     relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
+    cond: Optional[str] = None               # conditional UNets: --cond FILE.safetensors (None = labelled default)
 
     def validate(self) -> BitSpec:
+        """Every option, before anything is loaded or written (one UsageError line each)."""
+        from .. import checks
+
         bits = parse_bits(self.bits)
+        checks.positive("--samples", self.samples)
+        checks.positive("--latency-batch", self.latency_batch)
+        checks.positive("compare batch", self.compare_batch)
+        checks.positive("--teacher-steps", self.teacher_steps)
+        checks.positive("--seed", self.seed, allow_zero=True)
+        checks.positive("--lambda", self.lam, allow_zero=True)
+        checks.in_range("--qdrop", self.qdrop, 0.0, 1.0)
+        for stage_name, over in (self.overrides or {}).items():
+            for k, v in over.items():
+                if k.endswith("iters") and isinstance(v, (int, float)):
+                    checks.positive(f"{stage_name} {k}", v, allow_zero=True)
+        checks.writable_dir(self.out)
+        checks.device(self.device)
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend '{self.backend}': expected one of {', '.join(BACKENDS)}")
         if self.method not in ("pq", "direct", "bitshrink"):
@@ -98,15 +115,32 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
             raise PqcadError("--backend tensorrt requested but the tensorrt package is not installed "
                              "(pip install 'pqcad-export[tensorrt]' on a machine with an NVIDIA GPU)")
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PqcadError("--device cuda requested but CUDA is not available")
-    teacher = load_model(cfg.model, device)
-    run = RunDir.open(cfg.out, teacher.fingerprint, asdict(cfg), resume=cfg.resume)
-    keys: dict[str, str] = {}
-    t_all = time.time()
     plan = ["calib", "quant", "student", "export", "engine", "report"]
     if cfg.stop_after and cfg.stop_after not in plan:
         raise UsageError(f"unknown stage '{cfg.stop_after}': one of {', '.join(plan)}")
+    teacher = load_model(cfg.model, device)
+    from ..conditioning import resolve_conditioning
+    from ..model_io import check_finite, student_scheduler_config
+
+    teacher.cond = resolve_conditioning(teacher, cfg.cond)
+    student_scheduler_config(teacher.scheduler_config, cfg.teacher_steps)  # CAD can halve this grid, or the fix
+    check_finite(teacher, None if teacher.cond is None else teacher.cond.rows(2))
+    from .lock import RunLock
+
+    with RunLock(cfg.out):
+        return _run_stages(cfg, bits, teacher, device, plan)
+
+
+def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: torch.device, plan: list[str]
+                ) -> dict[str, Any]:
+    run = RunDir.open(cfg.out, teacher.fingerprint, asdict(cfg), resume=cfg.resume)
+    cond = teacher.cond
+    run.state["conditioning"] = None if cond is None else cond.describe()
+    run.save()
+    if cond is not None:
+        _say(cfg, f"conditioning: {cond.label}")
+    keys: dict[str, str] = {}
+    t_all = time.time()
 
     def stage(i: int, name: str, key: str, outputs: tuple[str, ...], body: Callable[[], dict[str, Any]],
               what: str) -> None:
@@ -121,7 +155,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         except (PqcadError, KeyboardInterrupt) as exc:
             run.fail(name, str(exc) or type(exc).__name__)
             raise
-        run.finish(name, info)
+        facts = info.pop("_resume", None) if isinstance(info, dict) else None
+        run.finish(name, info, facts)
 
     # 1. calibration: C_QC + C_DC from the FP teacher
     from calibration.config import CalibConfig
@@ -141,10 +176,14 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     def do_calib():
         from calibration.collect import calibrate
 
-        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet)
+        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet, cond=_cond_rows(cond, ccfg))
         return {k: (v or {}).get("count") for k, v in res.items()}
 
-    stage(1, "calib", stage_key("calib", teacher.fingerprint, ccfg.to_dict()),
+    # everything that changes C_QC / C_DC: the weights, the scheduler config, the conditioning, the settings
+    ident = [teacher.fingerprint, ccfg.to_dict(), teacher.scheduler_config]
+    if cond is not None:
+        ident.append(cond.fingerprint)
+    stage(1, "calib", stage_key("calib", *ident),
           ("calib/c_qc/manifest.json", "calib/c_dc/manifest.json"), do_calib,
           f"C_QC ({ccfg.strategy}) + C_DC from {cfg.teacher_steps}-step FP trajectories")
     if cfg.stop_after == "calib":
@@ -165,8 +204,13 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         batches = cset.iter_batches(batch_size=64, shuffle=True, seed=cfg.seed, keys=_calib_keys(cset))
         qm = quantize_model(teacher, batches, bits, cfg.method, rcfg, device,
                             checkpoint_dir=quant_dir / "checkpoints")
-        save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps})
-        return {"bits": bits.name, "method": cfg.method}
+        save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps,
+                                       "conditioning": None if cond is None else cond.describe()})
+        reused = int(qm.log.get("reused_units", 0))
+        if reused:
+            _say(cfg, f"  reused {reused} of {len(qm.log['units'])} quantized blocks from checkpoints")
+        return {"bits": bits.name, "method": cfg.method,
+                "_resume": {"resumed": reused > 0, "reused_blocks": reused, "blocks": len(qm.log["units"])}}
 
     stage(2, "quant", stage_key("quant", keys["calib"], bits.name, cfg.method, rcfg.fingerprint(), cfg.seed),
           ("quant/quant.json",), do_quant, f"{bits.name} block reconstruction, method {cfg.method}")
@@ -184,8 +228,16 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     def do_student():
         from ..distill.cad import distill
 
-        st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet)
-        return {"steps": st.steps, "calib_loss": dcfg.calib_loss}
+        st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet,
+                     cond=cond)
+        import json
+
+        log = json.loads((student_dir / "cad_log.json").read_text())
+        start = log.get("resumed_from")
+        if start:
+            _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {log.get('iters')}")
+        return {"steps": st.steps, "calib_loss": dcfg.calib_loss,
+                "_resume": {"resumed": bool(start), "resumed_from_iter": start or 0}}
 
     stage(3, "student", stage_key("student", keys["quant"], asdict(dcfg)), ("student/quant.json",), do_student,
           f"CAD {cfg.teacher_steps}->{cfg.student_steps} steps, calibration loss {dcfg.calib_loss}, "
@@ -195,16 +247,17 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
 
     # 4. export + TensorRT rule check + ONNX Runtime parity
     onnx_path = run.path("export") / "unet.onnx"
+    ecfg, pcfg = _export_configs(cond)
 
     def do_export():
         from ..export.stage import export_quantized
 
-        res = export_quantized(student_dir, onnx_path)
+        res = export_quantized(student_dir, onnx_path, ecfg, parity_cfg=pcfg)
         par = res.parity or {}
         return {"onnx": str(onnx_path), "lint_ok": res.lint.get("ok"), "parity_rel_l2": par.get("max_rel_l2"),
                 "labels": res.export.get("labels")}
 
-    stage(4, "export", stage_key("export", keys["student"]), ("export/unet.onnx",), do_export,
+    stage(4, "export", stage_key("export", keys["student"], *(() if ecfg is None else (ecfg.to_dict(),))), ("export/unet.onnx",), do_export,
           "QDQ ONNX, TensorRT QDQ rule check, ONNX Runtime parity")
     if cfg.stop_after == "export":
         return _summary(cfg, run, t_all)
@@ -232,7 +285,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
                                 teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
 
     def do_report():
-        cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device)
+        cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device, cond)
         if cfg.relax_frac is not None:  # PCR activation relaxing: INT8 engine + a no-activation-QDQ engine
             from .relax import build_relaxed_engine, relax_candidate
 
@@ -247,6 +300,25 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
           ("report/compare.json",), do_report, f"latency + FID-to-FP32 on {ccmp.samples} samples vs FP32 "
           f"{cfg.teacher_steps}-step")
     return _summary(cfg, run, t_all)
+
+
+def _cond_rows(cond, ccfg) -> Optional[torch.Tensor]:
+    """The conditioning rows of every calibration trajectory (C_QC and C_DC), row i for trajectory i."""
+    if cond is None:
+        return None
+    from calibration.strategies import get_strategy
+
+    return cond.rows(max(get_strategy(ccfg).n_trajectories(ccfg.steps), ccfg.dc_trajectories))
+
+
+def _export_configs(cond):
+    """Conditional UNets: export (and check parity) with the conditioning's sequence length."""
+    if cond is None:
+        return None, None
+    from ..export.onnx import ExportConfig
+    from ..export.parity import ParityConfig
+
+    return ExportConfig(cond_seq_len=cond.tokens), ParityConfig(cond_seq_len=cond.tokens)
 
 
 def _engine_calib_feeds(calib_dir: Path, n: int = 32) -> dict[str, Any]:
@@ -266,8 +338,11 @@ def _calib_keys(cset) -> list[str]:
 
 
 def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torch_student: bool,
-                   device: torch.device) -> list[Candidate]:
-    """The engine of a run directory (and optionally its PyTorch fake-quant student) as compare candidates."""
+                   device: torch.device, cond=None) -> list[Candidate]:
+    """The engine of a run directory (and optionally its PyTorch fake-quant student) as compare candidates;
+    `cond` (conditional UNets) fills their encoder_hidden_states as it does the teacher's."""
+    from ..sampling import with_cond
+
     from engines import EngineError, load_engine
     from engines.manifest import read_manifest
 
@@ -282,23 +357,27 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
     cands = []
     if (engine_dir / "engine.json").is_file():
         info = read_manifest(engine_dir)
+        from .compare import check_engine_model
+
+        fp_notes = check_engine_model(info, teacher, engine_dir)
         try:
             eng = load_engine(engine_dir)
         except EngineError as exc:
             raise PqcadError(str(exc)) from None
+        notes = list(info.notes) + fp_notes
         size = sum(f.stat().st_size for f in engine_dir.iterdir() if f.is_file() and f.name != "engine.json")
         cands.append(Candidate(name=f"{bits.name}-{info.backend}", backend=info.backend,
-                               precision=_precision_label(bits, info), steps=student.steps, unet=eng,
-                               model_bytes=size, scheduler_config=sched,
+                               precision=_precision_label(bits, info), steps=student.steps,
+                               unet=with_cond(eng, cond), model_bytes=size, scheduler_config=sched,
                                executed_on="cuda" if eng.device.type == "cuda" else "cpu",
                                extra={"int_weight_bytes": ib, "engine_dir": str(engine_dir)},
-                               notes=list(info.notes)))
+                               notes=notes))
     if include_torch_student or not cands:
         from ..sampling import TorchUNet
 
         cands.append(Candidate(name=f"{bits.name}-pytorch-fakequant", backend="pytorch",
                                precision=f"{bits.name} fake-quant (fp32 kernels)", steps=student.steps,
-                               unet=TorchUNet(student.unet), model_bytes=ib, scheduler_config=sched,
+                               unet=TorchUNet(student.unet, cond), model_bytes=ib, scheduler_config=sched,
                                executed_on=device.type, extra={"int_weight_bytes": ib}))
     return cands
 
