@@ -26,8 +26,7 @@ class TorchUNet:
     def __init__(self, unet: torch.nn.Module, cond: Optional[Any] = None):
         self.unet = unet
         self.cond = cond
-        self.conditional = "encoder_hidden_states" in unet.forward.__code__.co_varnames and \
-            type(unet).__name__ != "UNet2DModel"
+        self.conditional = _takes_cond(unet)
 
     @property
     def device(self) -> torch.device:
@@ -41,6 +40,19 @@ class TorchUNet:
         else:
             out = self.unet(sample, timestep)
         return out.sample if hasattr(out, "sample") else out
+
+
+def _takes_cond(unet: torch.nn.Module) -> bool:
+    """Whether forward takes encoder_hidden_states (through decorators such as diffusers' peft wrapper, which
+    hide it from forward.__code__)."""
+    import inspect
+
+    if type(unet).__name__ == "UNet2DModel":
+        return False
+    try:
+        return "encoder_hidden_states" in inspect.signature(unet.forward).parameters
+    except (TypeError, ValueError):
+        return "encoder_hidden_states" in unet.forward.__code__.co_varnames
 
 
 def _default_rows(cond: Optional[Any], sample: torch.Tensor) -> torch.Tensor:
@@ -118,7 +130,7 @@ def ddim_sample(unet: UNetFn, scheduler_config: dict[str, Any], shape: tuple[int
     for b0 in range(0, n, cfg.batch_size):
         sched = make_scheduler(scheduler_config, cfg.steps)
         x = x_all[b0:b0 + cfg.batch_size].to(device)
-        c = None if cond is None else cond[b0:b0 + cfg.batch_size].to(device)
+        c = None if cond is None else cond[b0:b0 + x.shape[0]].to(device)  # (cond may hold more rows than n)
         # Step noise for eta > 0: seeded per batch so a run is reproducible for a given batch size.
         gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + b0)
         for i, t in enumerate(sched.timesteps):

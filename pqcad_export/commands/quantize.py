@@ -56,8 +56,8 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     from ..model_io import check_finite
 
     loaded = load_model(model, device)
+    check_finite(loaded)  # NaN/inf model: refused before the first block, naming the parameter at fault
     cset = open_set(calib, "c_qc", expect_fingerprint=loaded.fingerprint)
-    check_finite(loaded)  # NaN/inf model: refused before the first block
     keys = ["sample", "timestep"] + (["encoder_hidden_states"] if "encoder_hidden_states" in cset.fields else [])
     overrides = {"seed": seed, "progress": not quiet, "attn_matmul_quant": attn_matmul_quant,
                  "io_act_quant": io_act_quant}

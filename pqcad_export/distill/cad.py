@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,11 +450,14 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
                 history.append({"iter": done, "kind": "train", **{k: run[k] / run["n"] for k in
                                                                    ("loss", "kd", "calib")}})
                 run = {"loss": 0.0, "kd": 0.0, "calib": 0.0, "n": 0}
+            bar.advance(1)
+            try:
+                if on_iter is not None:
+                    on_iter(done)
+            except KeyboardInterrupt:  # between two updates: as safe to keep as a deferred signal
+                stop.signum = stop.signum or int(signal.SIGINT)
             if out is not None and done < cfg.iters and (done % every == 0 or stop.requested):
                 save(done)  # every `every` updates, and on SIGINT/SIGTERM after the update in flight
-            bar.advance(1)
-            if on_iter is not None:
-                on_iter(done)
             stop.raise_if_requested()
     after = tr.evaluate(eval_set)
     history.append(dict(after, iter=cfg.iters, kind="eval"))

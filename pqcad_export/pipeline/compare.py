@@ -245,6 +245,8 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         fid_features = None
         if cfg.no_fid:
             notes.append("fid, fid_to_fp32: skipped (--no-fid)")
+        elif shape[0] not in (1, 3):  # e.g. a latent-diffusion UNet: its samples need a VAE to become images
+            notes.append(f"fid, fid_to_fp32: skipped: the UNet samples {shape[0]}-channel latents, not images")
         else:
             fid_features = _score(cfg, images, reference, cand_entries, notes, bar)
     report = {
