@@ -144,3 +144,23 @@ def test_uneven_scheduler_grid_refused_before_the_first_stage(tmp_path):
     res = CliRunner().invoke(main, ["build", "--bits", "w8a8", "--model", str(d), "--out", str(tmp_path / "r")])
     one_line(res, 2, '"timestep_spacing": "trailing"')
     assert not (tmp_path / "r").exists()
+
+
+def test_quantize_refuses_a_nan_calibration_set(tiny_unet_dir, tmp_path):
+    """A set written before the probe existed: refused as a bad set, not blamed on conv_in."""
+    from calibration import CalibConfig, collect_cqc
+    from calibration.storage import open_set, write_set
+    from pqcad_export.model_io import load_model
+
+    lm = load_model(tiny_unet_dir)
+    good = tmp_path / "good"
+    collect_cqc(lm, CalibConfig.preset("quick", steps=4, n_per_step=2, every_k=2, batch_size=2), good / "c_qc")
+    s = open_set(good, "c_qc")
+    rows = s.load_all()
+    rows["sample"][0, 0, 0, 0] = float("nan")
+    write_set(tmp_path / "bad" / "c_qc", "c_qc", rows, {k: v for k, v in s.manifest.items()
+                                                        if k not in ("shards", "count", "fields", "kind")})
+    res = CliRunner().invoke(main, ["quantize", "--model", str(tiny_unet_dir), "--calib", str(tmp_path / "bad"),
+                                    "--bits", "w8a8", "--iters", "2", "--out", str(tmp_path / "q"), "--quiet"])
+    one_line(res, 2, "holds NaN/inf values in 'sample'")
+    assert "conv_in" not in res.output and not (tmp_path / "q" / "quant.json").exists()

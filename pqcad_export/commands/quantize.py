@@ -71,7 +71,7 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     cfg = ReconConfig.preset(preset, **overrides)
     out = Path(out)
     ckpt = out / "checkpoints"
-    batches = cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys)
+    batches = _finite(cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), calib)
     qm = quantize_model(loaded, batches, spec, method, cfg, device, checkpoint_dir=ckpt)
     if compare_direct and method != "direct":
         from ..quantize.progressive import delta_pert
@@ -94,3 +94,18 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     g = qm.log.get("geomean_pert")
     click.echo(f"quantized {spec.name} ({method}, {len(qm.log['units'])} blocks, "
                f"geo-mean block perturbation {g:.3e}) -> {out}" if g is not None else f"quantized -> {out}")
+
+
+def _finite(batches, calib):
+    """A calibration set with NaN/inf rows (collected from a broken model) is refused as such, not blamed on the
+    first block that sees it."""
+    import torch
+
+    from ..errors import UsageError
+
+    for b in batches:
+        for k, v in b.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise UsageError(f"calibration set {calib} holds NaN/inf values in '{k}'; recollect it from a "
+                                 f"healthy model")
+        yield b

@@ -131,7 +131,7 @@ def read_onnx_header(path: str | Path, flag: str = "") -> onnx.ModelProto:
 
     p, who = Path(path), f"{flag} {path}".strip()
     if not p.is_file():
-        raise UsageError(f"no such ONNX file: {who}")
+        raise PqcadError(f"no such ONNX file: {who}")
     if p.stat().st_size == 0:
         raise UsageError(f"unreadable ONNX file: {who} is empty")
     try:

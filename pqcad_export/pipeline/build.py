@@ -123,7 +123,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     from ..model_io import check_finite, student_scheduler_config
 
     teacher.cond = resolve_conditioning(teacher, cfg.cond)
-    student_scheduler_config(teacher.scheduler_config, cfg.teacher_steps)  # CAD can halve this grid, or the fix
+    if plan.index(cfg.stop_after or "report") >= plan.index("student"):  # CAD can halve this grid, or the fix
+        student_scheduler_config(teacher.scheduler_config, cfg.teacher_steps)
     check_finite(teacher, None if teacher.cond is None else teacher.cond.rows(2))
     from .lock import RunLock
 
