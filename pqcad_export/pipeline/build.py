@@ -5,6 +5,7 @@ from its own checkpoints when it was interrupted (per block in PQ, every N itera
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..bits import BitSpec, parse_bits
 from ..errors import PqcadError, UsageError
 from ..model_io import LoadedModel, load_model
 from .compare import Candidate, CompareConfig, run_compare
+from .conditional import calib_cond_rows, export_configs
 from .run_dir import RunDir, stage_key
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -57,10 +59,9 @@ class BuildConfig:
         from .. import checks
 
         bits = parse_bits(self.bits)
-        checks.positive("--samples", self.samples)
-        checks.positive("--latency-batch", self.latency_batch)
-        checks.positive("compare batch", self.compare_batch)
-        checks.positive("--teacher-steps", self.teacher_steps)
+        for flag, v in (("--samples", self.samples), ("--latency-batch", self.latency_batch),
+                        ("compare batch", self.compare_batch), ("--teacher-steps", self.teacher_steps)):
+            checks.positive(flag, v)
         checks.positive("--seed", self.seed, allow_zero=True)
         checks.positive("--lambda", self.lam, allow_zero=True)
         checks.in_range("--qdrop", self.qdrop, 0.0, 1.0)
@@ -177,7 +178,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
     def do_calib():
         from calibration.collect import calibrate
 
-        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet, cond=_cond_rows(cond, ccfg))
+        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet, cond=calib_cond_rows(cond, ccfg))
         return {k: (v or {}).get("count") for k, v in res.items()}
 
     # everything that changes C_QC / C_DC: the weights, the scheduler config, the conditioning, the settings
@@ -231,10 +232,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
 
         st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet,
                      cond=cond)
-        import json
-
-        log = json.loads((student_dir / "cad_log.json").read_text())
-        start = log.get("resumed_from")
+        start = json.loads((student_dir / "cad_log.json").read_text()).get("resumed_from")
         if start:
             _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {log.get('iters')}")
         return {"steps": st.steps, "calib_loss": dcfg.calib_loss,
@@ -248,7 +246,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
 
     # 4. export + TensorRT rule check + ONNX Runtime parity
     onnx_path = run.path("export") / "unet.onnx"
-    ecfg, pcfg = _export_configs(cond)
+    ecfg, pcfg = export_configs(cond)
 
     def do_export():
         from ..export.stage import export_quantized
@@ -258,8 +256,8 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         return {"onnx": str(onnx_path), "lint_ok": res.lint.get("ok"), "parity_rel_l2": par.get("max_rel_l2"),
                 "labels": res.export.get("labels")}
 
-    stage(4, "export", stage_key("export", keys["student"], *(() if ecfg is None else (ecfg.to_dict(),))), ("export/unet.onnx",), do_export,
-          "QDQ ONNX, TensorRT QDQ rule check, ONNX Runtime parity")
+    ekey = stage_key("export", keys["student"], *(() if ecfg is None else (ecfg.to_dict(),)))
+    stage(4, "export", ekey, ("export/unet.onnx",), do_export, "QDQ ONNX, TensorRT QDQ rule check, ONNX Runtime parity")
     if cfg.stop_after == "export":
         return _summary(cfg, run, t_all)
 
@@ -301,25 +299,6 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
           ("report/compare.json",), do_report, f"latency + FID-to-FP32 on {ccmp.samples} samples vs FP32 "
           f"{cfg.teacher_steps}-step")
     return _summary(cfg, run, t_all)
-
-
-def _cond_rows(cond, ccfg) -> Optional[torch.Tensor]:
-    """The conditioning rows of every calibration trajectory (C_QC and C_DC), row i for trajectory i."""
-    if cond is None:
-        return None
-    from calibration.strategies import get_strategy
-
-    return cond.rows(max(get_strategy(ccfg).n_trajectories(ccfg.steps), ccfg.dc_trajectories))
-
-
-def _export_configs(cond):
-    """Conditional UNets: export (and check parity) with the conditioning's sequence length."""
-    if cond is None:
-        return None, None
-    from ..export.onnx import ExportConfig
-    from ..export.parity import ParityConfig
-
-    return ExportConfig(cond_seq_len=cond.tokens), ParityConfig(cond_seq_len=cond.tokens)
 
 
 def _engine_calib_feeds(calib_dir: Path, n: int = 32) -> dict[str, Any]:
@@ -413,8 +392,6 @@ def _summary(cfg: BuildConfig, run: RunDir, t_all: float) -> dict[str, Any]:
     summary = {"run": str(run.root), "stages": rows, "seconds": round(time.time() - t_all, 1)}
     rep = run.path("report") / "compare.json"
     if rep.is_file():
-        import json
-
         summary["compare"] = json.loads(rep.read_text())
     run.state["summary"] = {k: v for k, v in summary.items() if k != "compare"}
     run.save()
