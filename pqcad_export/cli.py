@@ -29,7 +29,7 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         from .interrupts import Terminated, terminate_as_interrupt
 
-        terminate_as_interrupt()  # SIGTERM ends like Ctrl-C: one line, work kept, resumable
+        restore = terminate_as_interrupt()  # SIGTERM ends like Ctrl-C: one line, work kept, resumable
         try:
             return fn(*args, **kwargs)
         except PqcadError as exc:
@@ -43,6 +43,8 @@ def friendly(fn):
             _fail(f"{exc.strerror or exc}{where}", 1)
         except MemoryError:
             _fail("out of memory; try a smaller --batch-size or the quick preset", 1)
+        finally:
+            restore()
 
     return wrapper
 

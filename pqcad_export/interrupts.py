@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class Terminated(KeyboardInterrupt):
@@ -21,10 +21,13 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def terminate_as_interrupt() -> None:
-    """Install the SIGTERM -> Terminated handler (main thread only; a no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+def terminate_as_interrupt() -> Callable[[], None]:
+    """Install the SIGTERM -> Terminated handler (main thread only; a no-op elsewhere); returns a function that
+    puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
 
 class _Flag:
