@@ -164,3 +164,17 @@ def test_quantize_refuses_a_nan_calibration_set(tiny_unet_dir, tmp_path):
                                     "--bits", "w8a8", "--iters", "2", "--out", str(tmp_path / "q"), "--quiet"])
     one_line(res, 2, "holds NaN/inf values in 'sample'")
     assert "conv_in" not in res.output and not (tmp_path / "q" / "quant.json").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["build", "--bits", "w4a8", "--calib-strategy", "nope"], "unknown --calib-strategy 'nope'"),
+    (["compare", "--engine", "e", "--ref-stats", "/nonexistent/stats.npz"], "--ref-stats /nonexistent/stats.npz"),
+    (["lint", "x.onnx", "--json", "/proc/sys/pqcad-lint.json"], "--json"),
+])
+def test_more_options_refused_up_front(argv, msg, tmp_path):
+    if argv[0] == "lint":
+        if os.access("/proc/sys", os.W_OK) or not os.path.isdir("/proc/sys"):
+            pytest.skip("no read-only directory to try")
+    res = CliRunner().invoke(main, [*argv, "--out", str(tmp_path / "r")] if argv[0] != "lint" else argv)
+    one_line(res, 2, msg)
+    assert not (tmp_path / "r").exists()

@@ -56,6 +56,9 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
     if out:
         checks.writable_dir(out)
     checks.device(device)
+    for flag, f in (("--ref-stats", ref_stats), ("--fid-weights", fid_weights)):
+        if f and not Path(f).is_file():
+            raise UsageError(f"{flag} {f}: no such file")
     if run_dir and cond:
         raise UsageError("--cond goes with --engine; a run uses the conditioning it was built with")
     cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, latency_batch=latency_batch,

@@ -18,6 +18,7 @@ from ..errors import PqcadError, UsageError
 from ..model_io import LoadedModel, load_model
 from .compare import Candidate, CompareConfig, run_compare
 from .conditional import calib_cond_rows, export_configs
+from .preflight import dry_stage_configs, load_teacher
 from .run_dir import RunDir, stage_key
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -84,8 +85,8 @@ class BuildConfig:
             from .relax import check_relax
 
             check_relax(self.relax_frac, self.relax_where)
+        dry_stage_configs(self)
         return bits
-
 
 def budget_overrides(quant_iters: Optional[int] = None, act_iters: Optional[int] = None,
                      distill_iters: Optional[int] = None) -> dict[str, dict[str, Any]]:
@@ -119,14 +120,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     plan = ["calib", "quant", "student", "export", "engine", "report"]
     if cfg.stop_after and cfg.stop_after not in plan:
         raise UsageError(f"unknown stage '{cfg.stop_after}': one of {', '.join(plan)}")
-    teacher = load_model(cfg.model, device)
-    from ..conditioning import resolve_conditioning
-    from ..model_io import check_finite, student_scheduler_config
-
-    teacher.cond = resolve_conditioning(teacher, cfg.cond)
-    if plan.index(cfg.stop_after or "report") >= plan.index("student"):  # CAD can halve this grid, or the fix
-        student_scheduler_config(teacher.scheduler_config, cfg.teacher_steps)
-    check_finite(teacher, None if teacher.cond is None else teacher.cond.rows(2))
+    teacher = load_teacher(cfg, device, plan.index(cfg.stop_after or "report") >= plan.index("student"))
     from .lock import RunLock
 
     with RunLock(cfg.out):
