@@ -228,7 +228,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
                      cond=cond)
         start = json.loads((student_dir / "cad_log.json").read_text()).get("resumed_from")
         if start:
-            _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {log.get('iters')}")
+            _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {dcfg.iters}")
         return {"steps": st.steps, "calib_loss": dcfg.calib_loss,
                 "_resume": {"resumed": bool(start), "resumed_from_iter": start or 0}}
 
