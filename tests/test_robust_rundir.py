@@ -11,7 +11,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 from click.testing import CliRunner
 
 from conftest import _save, make_tiny_unet

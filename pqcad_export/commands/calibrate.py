@@ -40,8 +40,6 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
               dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None, cond=None):
     """Collect time-step-aware calibration inputs (z_t, t[, cond]) into safetensors shards + manifest.json."""
-    from pathlib import Path
-
     from calibration import CalibConfig, calibrate as run_calibration
     from pqcad_export.errors import UsageError
     from pqcad_export.model_io import load_model

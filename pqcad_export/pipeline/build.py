@@ -15,7 +15,7 @@ import torch
 
 from ..bits import BitSpec, parse_bits
 from ..errors import PqcadError, UsageError
-from ..model_io import LoadedModel, load_model
+from ..model_io import LoadedModel
 from .compare import Candidate, CompareConfig, run_compare
 from .conditional import calib_cond_rows, export_configs
 from .preflight import dry_stage_configs, load_teacher
