@@ -38,6 +38,7 @@ class EngineInfo:
     build_log: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: Optional[str] = None   # the FP model the ONNX was made from (compare refuses another model)
     created: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
     directory: Optional[str] = None   # filled on load; not part of the written file
@@ -54,7 +55,21 @@ class EngineInfo:
         return Path(self.directory) / self.engine_file
 
 
+def source_model_fingerprint(onnx_path: str | Path) -> Optional[str]:
+    """The source model's fingerprint recorded in the exported ONNX's metadata (None when absent/unreadable)."""
+    try:
+        import onnx
+
+        m = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        return None
+    props = {p.key: p.value for p in m.metadata_props}
+    return props.get("pqcad.meta.source_fingerprint") or None
+
+
 def write_manifest(info: EngineInfo, out_dir: str | Path) -> Path:
+    if info.model_fingerprint is None and info.source_onnx:
+        info.model_fingerprint = source_model_fingerprint(info.source_onnx)
     out = Path(out_dir) / MANIFEST_NAME
     atomic_write_text(out, json.dumps(info.to_dict(), indent=2, sort_keys=False, default=str))
     info.directory = str(Path(out_dir))

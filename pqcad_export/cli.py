@@ -28,14 +28,24 @@ def friendly(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        from .interrupts import Terminated, terminate_as_interrupt
+
+        restore = terminate_as_interrupt()  # SIGTERM ends like Ctrl-C: one line, work kept, resumable
         try:
             return fn(*args, **kwargs)
         except PqcadError as exc:
             _fail(str(exc), exc.exit_code)
+        except Terminated:
+            _fail("terminated (SIGTERM); finished stages and checkpoints are kept (rerun to resume)", 143)
         except KeyboardInterrupt:
             _fail("interrupted; finished stages and checkpoints are kept (rerun to resume)", 130)
+        except OSError as exc:  # a full disk, a permission change mid-run: still one line
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            _fail(f"{exc.strerror or exc}{where}", 1)
         except MemoryError:
             _fail("out of memory; try a smaller --batch-size or the quick preset", 1)
+        finally:
+            restore()
 
     return wrapper
 

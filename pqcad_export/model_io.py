@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -43,6 +43,7 @@ class LoadedModel:
     path: Path
     fingerprint: str
     class_name: str
+    cond: Optional[Any] = None  # conditioning.Conditioning of a run (conditional UNets only)
 
     @property
     def is_conditional(self) -> bool:
@@ -134,4 +135,79 @@ def save_model(unet: torch.nn.Module, scheduler_config: dict[str, Any], out: str
     sched = {k: v for k, v in scheduler_config.items()}
     sched["_class_name"] = "DDIMScheduler"
     (out / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
+    return out
+
+
+def check_finite(model: LoadedModel, cond: Optional[torch.Tensor] = None, batch: int = 2) -> None:
+    """Refuse a model with non-finite weights, or whose forward pass on a small seeded probe batch (t = 999 and 0)
+    gives NaN/inf, naming the first parameter / module at fault: before calibration, not after it."""
+    from .errors import UsageError
+
+    for name, p in list(model.unet.named_parameters()) + list(model.unet.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            n_bad = int((~torch.isfinite(p)).sum())
+            raise UsageError(f"model {model.path} has {n_bad} non-finite value(s) in {name}; it cannot be "
+                             f"quantized")
+    dev = next(model.unet.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *model.sample_shape), generator=g).to(dev)
+    t = torch.tensor([999, 0][:batch] + [500] * max(batch - 2, 0), device=dev)
+    kwargs = {}
+    if model.is_conditional:
+        from .conditioning import cross_attention_dim
+
+        c = cond if cond is not None else torch.randn((batch, 8, cross_attention_dim(model.unet)), generator=g)
+        kwargs["encoder_hidden_states"] = c[:batch].to(dev)
+    first: list[str] = []
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            o = out[0] if isinstance(out, (tuple, list)) else out
+            if not first and torch.is_tensor(o) and o.is_floating_point() and not torch.isfinite(o).all():
+                first.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.unet.named_modules()
+               if n and not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            out = model.unet(x, t, **kwargs)
+    except Exception as exc:  # a model that cannot run one forward pass is unusable input too
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model {model.path} fails a probe forward pass: {msg[:200]}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    out = out.sample if hasattr(out, "sample") else out
+    if first or not torch.isfinite(out).all():
+        where = f" (first at {first[0]})" if first else ""
+        raise UsageError(f"model {model.path} gives NaN/inf on a probe batch{where}; it cannot be quantized")
+
+
+def student_scheduler_config(scheduler_config: dict[str, Any], teacher_steps: int) -> dict[str, Any]:
+    """The scheduler config whose (teacher_steps/2)-step DDIM grid is exactly every other point of the teacher's
+    teacher_steps-step grid, set explicitly: unchanged for `trailing` spacing; for `leading` the offset moves by
+    one teacher step (teacher 990, 980, ..., 0 -> student 990, 970, ..., 10). Raises UsageError, with the fix, when
+    no such grid exists (uneven `linspace` grids, steps that do not divide num_train_timesteps)."""
+    from .errors import UsageError
+    from .sampling import ddim_timesteps
+
+    n = int(scheduler_config.get("num_train_timesteps", 1000))
+    spacing = scheduler_config.get("timestep_spacing", "leading")
+    fix = ("set \"timestep_spacing\": \"trailing\" in the model's scheduler_config.json"
+           if spacing not in ("leading", "trailing") else
+           f"use a --teacher-steps that divides num_train_timesteps={n} (e.g. 100)")
+    if teacher_steps < 2 or teacher_steps % 2:
+        raise UsageError(f"--teacher-steps must be even and >= 2 to halve it, got {teacher_steps}")
+    teacher = ddim_timesteps(scheduler_config, teacher_steps)
+    diffs = set((teacher[:-1] - teacher[1:]).tolist())
+    if n % teacher_steps or diffs != {n // teacher_steps}:
+        raise UsageError(f"the {teacher_steps}-step DDIM grid of this scheduler (timestep_spacing={spacing!r}) is "
+                         f"not evenly spaced, so CAD cannot halve it; {fix}")
+    out = dict(scheduler_config)
+    if spacing == "leading":
+        out["steps_offset"] = int(scheduler_config.get("steps_offset", 0)) + n // teacher_steps
+    if not torch.equal(ddim_timesteps(out, teacher_steps // 2), teacher[0::2]):
+        raise UsageError(f"cannot place a {teacher_steps // 2}-step grid on every other point of the "
+                         f"{teacher_steps}-step grid (timestep_spacing={spacing!r}); {fix}")
     return out

@@ -18,23 +18,70 @@ class UNetFn(Protocol):
 
 
 class TorchUNet:
-    """Adapter: a diffusers UNet (FP or quantized wrapper) as a UNetFn returning the noise prediction."""
+    """Adapter: a diffusers UNet (FP or quantized wrapper) as a UNetFn returning the noise prediction.
 
-    def __init__(self, unet: torch.nn.Module):
+    `cond` (a conditioning.Conditioning) fills encoder_hidden_states for calls without one (rows 0..B-1), so a
+    conditional UNet runs in loops written for unconditional ones (latency, FID sampling)."""
+
+    def __init__(self, unet: torch.nn.Module, cond: Optional[Any] = None):
         self.unet = unet
-        self.conditional = "encoder_hidden_states" in unet.forward.__code__.co_varnames and \
-            type(unet).__name__ != "UNet2DModel"
+        self.cond = cond
+        self.conditional = _takes_cond(unet)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     def __call__(self, sample, timestep, encoder_hidden_states=None):
+        if encoder_hidden_states is None and self.conditional:
+            encoder_hidden_states = _default_rows(self.cond, sample)
         if encoder_hidden_states is not None or self.conditional:
             out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
         else:
             out = self.unet(sample, timestep)
         return out.sample if hasattr(out, "sample") else out
+
+
+def _takes_cond(unet: torch.nn.Module) -> bool:
+    """Whether forward takes encoder_hidden_states (through decorators such as diffusers' peft wrapper, which
+    hide it from forward.__code__)."""
+    import inspect
+
+    if type(unet).__name__ == "UNet2DModel":
+        return False
+    try:
+        return "encoder_hidden_states" in inspect.signature(unet.forward).parameters
+    except (TypeError, ValueError):
+        return "encoder_hidden_states" in unet.forward.__code__.co_varnames
+
+
+def _default_rows(cond: Optional[Any], sample: torch.Tensor) -> torch.Tensor:
+    from .errors import PqcadError
+
+    if cond is None:
+        raise PqcadError("a conditional UNet needs conditioning (encoder_hidden_states); none was given")
+    return cond.rows(sample.shape[0]).to(sample.device)
+
+
+class WithCond:
+    """Any UNetFn (an engine) with default conditioning rows for calls that pass none (see TorchUNet)."""
+
+    def __init__(self, fn: Any, cond: Any):
+        self.fn, self.cond = fn, cond
+
+    def __getattr__(self, name: str) -> Any:  # device, info, sample_shape... of the wrapped engine
+        if name in ("fn", "cond"):
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            encoder_hidden_states = _default_rows(self.cond, sample)
+        return self.fn(sample, timestep, encoder_hidden_states)
+
+
+def with_cond(fn: Any, cond: Optional[Any]) -> Any:
+    return fn if cond is None else WithCond(fn, cond)
 
 
 def make_scheduler(scheduler_config: dict[str, Any], steps: int) -> DDIMScheduler:
@@ -83,7 +130,7 @@ def ddim_sample(unet: UNetFn, scheduler_config: dict[str, Any], shape: tuple[int
     for b0 in range(0, n, cfg.batch_size):
         sched = make_scheduler(scheduler_config, cfg.steps)
         x = x_all[b0:b0 + cfg.batch_size].to(device)
-        c = None if cond is None else cond[b0:b0 + cfg.batch_size].to(device)
+        c = None if cond is None else cond[b0:b0 + x.shape[0]].to(device)  # (cond may hold more rows than n)
         # Step noise for eta > 0: seeded per batch so a run is reproducible for a given batch size.
         gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + b0)
         for i, t in enumerate(sched.timesteps):

@@ -50,11 +50,14 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="skip finished stages and resume interrupted ones from their checkpoints")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--cond", default=None, type=click.Path(),
+              help="UNet2DConditionModel: encoder_hidden_states [N, tokens, cross_attention_dim] (safetensors) for "
+                   "every stage; default: seeded N(0,1) embeddings, labelled as such in run.json and the report")
 @friendly
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_teacher, teacher_steps, student_steps,
           backend, device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet,
           recon_loss="block", qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None,
-          distill_iters=None):
+          distill_iters=None, cond=None):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
@@ -72,5 +75,5 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_
                       seed=seed, samples=samples, latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
-                      overrides=budget_overrides(quant_iters, act_iters, distill_iters))
+                      overrides=budget_overrides(quant_iters, act_iters, distill_iters), cond=cond)
     print_summary(run_build(cfg))

@@ -33,12 +33,13 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--cond", default=None, type=click.Path(),
+              help="UNet2DConditionModel: encoder_hidden_states [N, tokens, cross_attention_dim] (safetensors); "
+                   "trajectory i uses row i mod N (default: seeded N(0,1) embeddings, labelled)")
 @friendly
 def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
-              dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None):
+              dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None, cond=None):
     """Collect time-step-aware calibration inputs (z_t, t[, cond]) into safetensors shards + manifest.json."""
-    from pathlib import Path
-
     from calibration import CalibConfig, calibrate as run_calibration
     from pqcad_export.errors import UsageError
     from pqcad_export.model_io import load_model
@@ -53,17 +54,22 @@ def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total,
         if not bits:
             raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
         cfg = cfg.with_overrides(pcr_bits=parse_bits(bits).name)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} exists and is not a directory")
-    try:
-        import torch
+    from pqcad_export import checks
+    from pqcad_export.conditioning import resolve_conditioning
+    from pqcad_export.model_io import check_finite
 
-        torch.empty(0, device=device)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"unusable --device '{device}': {str(exc).splitlines()[0]}") from None
+    out_dir = checks.writable_dir(out)
+    checks.device(device)
     loaded = load_model(model, device)  # one-line PqcadError before anything is written
-    result = run_calibration(loaded, cfg, out_dir, device=device, quiet=quiet)
+    loaded.cond = resolve_conditioning(loaded, cond)
+    rows = None
+    if loaded.cond is not None:
+        from calibration.strategies import get_strategy
+
+        rows = loaded.cond.rows(max(get_strategy(cfg).n_trajectories(cfg.steps), cfg.dc_trajectories))
+        click.echo(f"conditioning: {loaded.cond.label}")
+    check_finite(loaded, None if rows is None else rows[:2])  # NaN/inf model: refused before any trajectory
+    result = run_calibration(loaded, cfg, out_dir, device=device, quiet=quiet, cond=rows)
     for kind, man in result.items():
         if man is None:
             continue

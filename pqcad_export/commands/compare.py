@@ -28,9 +28,12 @@ from ..cli import friendly, main
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
+@click.option("--cond", default=None, type=click.Path(),
+              help="with --engine and a UNet2DConditionModel: encoder_hidden_states file (safetensors) to sample "
+                   "with; default: seeded N(0,1) embeddings (labelled). With --run: the run's own conditioning")
 @friendly
 def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batch, teacher_steps, out, include_torch_student,
-            ref_stats, fid_weights, no_fid, preset, device, seed, quiet):
+            ref_stats, fid_weights, no_fid, preset, device, seed, quiet, cond=None):
     """Measure unet_ms_per_call, ms_per_image, FID and FID-to-FP32 of a run's engine (or ENGINE + MODEL) against
     the FP32 teacher with 100 DDIM steps; writes compare.json, compare.png and samples.png."""
     import json
@@ -45,6 +48,19 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
 
     if bool(run_dir) == bool(engine_dir):
         raise UsageError("give either --run DIR or --engine DIR (with --model DIR)")
+    from .. import checks
+
+    for flag, v in (("--samples", samples), ("--batch-size", batch_size), ("--latency-batch", latency_batch),
+                    ("--steps", steps), ("--teacher-steps", teacher_steps)):
+        checks.positive(flag, v)
+    if out:
+        checks.writable_dir(out)
+    checks.device(device)
+    for flag, f in (("--ref-stats", ref_stats), ("--fid-weights", fid_weights)):
+        if f and not Path(f).is_file():
+            raise UsageError(f"{flag} {f}: no such file")
+    if run_dir and cond:
+        raise UsageError("--cond goes with --engine; a run uses the conditioning it was built with")
     cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, latency_batch=latency_batch,
                                teacher_steps=teacher_steps,
                                device=device, seed=seed, ref_stats=ref_stats, fid_weights=fid_weights, no_fid=no_fid)
@@ -57,25 +73,39 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
         if state.get("model_fingerprint") not in (None, teacher.fingerprint):
             raise PqcadError(f"run {run_dir} was made by a different model than {teacher.path}")
         from ..bits import parse_bits
+        from ..conditioning import from_record
 
+        teacher.cond = from_record(teacher, state.get("conditioning"))
         cands = run_candidates(Path(run_dir), teacher, parse_bits(state["config"]["bits"]), include_torch_student,
-                               torch.device(device))
+                               torch.device(device), teacher.cond)
         out = out or str(Path(run_dir) / "report")
     else:
         from engines import EngineError, load_engine
 
+        from ..conditioning import resolve_conditioning
+        from ..pipeline.compare import check_engine_model
+
         teacher = load_model(model, device)
+        teacher.cond = resolve_conditioning(teacher, cond)
         try:
             eng = load_engine(engine_dir)
         except EngineError as exc:
             raise PqcadError(str(exc)) from None
+        notes = check_engine_model(eng.info, teacher, engine_dir)
         if eng.sample_shape and tuple(eng.sample_shape) != tuple(teacher.sample_shape):
             raise PqcadError(f"engine {engine_dir} takes {tuple(eng.sample_shape)} inputs, model {teacher.path} "
                              f"samples {teacher.sample_shape}: mismatched engine")
+        sched = teacher.scheduler_config
+        if steps * 2 == teacher_steps:  # a CAD student samples every other point of the teacher's grid
+            from ..model_io import student_scheduler_config
+
+            sched = student_scheduler_config(sched, teacher_steps)
+        from ..sampling import with_cond
+
         size = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if f.is_file() and f.name != "engine.json")
         cands = [Candidate(name=f"{eng.backend}-engine", backend=eng.backend, precision="see engine.json",
-                           steps=steps, unet=eng, model_bytes=size, scheduler_config=teacher.scheduler_config,
-                           executed_on=eng.device.type, notes=list(eng.info.notes))]
+                           steps=steps, unet=with_cond(eng, teacher.cond), model_bytes=size, scheduler_config=sched,
+                           executed_on=eng.device.type, notes=list(eng.info.notes) + notes)]
         out = out or "report"
     rep = run_compare(teacher, cands, out, cfg, quiet=quiet)
     print_summary({"run": run_dir or engine_dir, "stages": [], "compare": rep, "report_dir": out})

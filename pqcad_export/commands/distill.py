@@ -38,9 +38,12 @@ from ..cli import PRESETS, friendly, main
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=None, type=int, help="random seed (default 0)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--cond", default=None, type=click.Path(),
+              help="conditional UNets: encoder_hidden_states file (safetensors), as given to calibrate (default: "
+                   "seeded N(0,1) embeddings, labelled)")
 @friendly
 def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, preset, iters, batch_size, model, data,
-            device, seed, quiet):
+            device, seed, quiet, cond=None):
     """Distill the quantized teacher into a quantized student that needs half the DDIM steps (CAD).
 
     Resumes from OUT/cad_checkpoint.pt after an interruption; writes the student in the quantized format
@@ -49,9 +52,23 @@ def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, pr
     from ..distill import CadConfig
     from ..distill import distill as run
 
+    from .. import checks
+
     cfg = CadConfig.preset(preset, calib_loss=calib_loss, lam=lam, kd_weighting=kd_weighting, kd_teacher=kd_teacher,
                            iters=iters, batch_size=batch_size, dataset=data, seed=seed)
-    student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet)
+    checks.writable_dir(out)
+    checks.device(device)
+    cobj = None
+    if cond:
+        from ..conditioning import cross_attention_dim, load_conditioning
+        from ..errors import UsageError
+        from ..quantize import load_quantized
+
+        quantized = load_quantized(quantized, device)
+        if not quantized.is_conditional:
+            raise UsageError("--cond given but the quantized UNet is unconditional")
+        cobj = load_conditioning(cond, cross_attention_dim(quantized.unet))
+    student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet, cond=cobj)
     log = json.loads((Path(out) / "cad_log.json").read_text())
     b, a = log["eval_before"], log["eval_after"]
     click.echo(f"student: {student.bits.name}, {student.steps} steps -> {out}")

@@ -31,8 +31,12 @@ def engine(onnx_file, out, backend, max_batch, opt_batch, compute_capability, or
     from engines.onnxruntime import OrtConfig
     from engines.tensorrt import TrtConfig
 
+    from .. import checks
     from ..errors import PqcadError
+    from ..export.lint import read_onnx_header
 
+    read_onnx_header(onnx_file, "--onnx")  # not ONNX / empty: one line, before anything is written
+    checks.writable_dir(out)
     con = Console(stderr=True)
     try:
         chosen, why = resolve_backend(backend)

@@ -32,11 +32,17 @@ def export(quantized, out, int4_weight_only_matmul, opset, external_data, no_par
         raise UsageError(f"--out must be a .onnx file, got {out}")
     if opset < 17:
         raise UsageError(f"--opset {opset}: QDQ export needs opset >= 17")
+    from .. import checks
+    from ..export.parity import ParityConfig
+
+    checks.writable_file(out)
+    tokens = _cond_tokens(Path(quantized))
     con = Console(stderr=True)
     cfg = ExportConfig(opset=opset, int4_weight_only_matmul=int4_weight_only_matmul,
-                       external_data=True if external_data else None)
+                       external_data=True if external_data else None, cond_seq_len=tokens)
+    pcfg = ParityConfig(cond_seq_len=tokens) if tokens else None
     with con.status("exporting QDQ ONNX..."):
-        res = export_quantized(quantized, out, cfg, parity=not no_parity, fail_on_lint=False)
+        res = export_quantized(quantized, out, cfg, parity=not no_parity, fail_on_lint=False, parity_cfg=pcfg)
     e = res.export
     con.print(f"wrote {e['path']} (opset {e['opset']}, {e['int8_weights']} INT8 + {e['int4_weights']} INT4 "
               f"weights, {e['activation_qdq']} activation Q/DQ)")
@@ -56,3 +62,15 @@ def export(quantized, out, int4_weight_only_matmul, opset, external_data, no_par
         raise PqcadError(f"exported ONNX fails the TensorRT rule check ({res.lint['n_errors']} violations)")
     if res.parity is not None and not res.parity["ok"]:
         raise PqcadError("ONNX Runtime vs PyTorch parity failed (see parity.json)")
+
+
+def _cond_tokens(quantized_dir) -> int:
+    """The conditioning length the model was calibrated with (quant.json `conditioning`), 0 = the default."""
+    import json
+
+    try:
+        meta = json.loads((quantized_dir / "quant.json").read_text())
+    except (OSError, ValueError):
+        return 0  # export_quantized explains a missing or corrupt quant.json
+    shape = (meta.get("conditioning") or {}).get("shape")
+    return int(shape[1]) if shape else 0

@@ -21,6 +21,10 @@ def lint(onnx_file, json_out):
     from ..errors import PqcadError
     from ..export.lint import lint_model, render_report
 
+    if json_out:
+        from .. import checks
+
+        checks.writable_file(json_out, "--json")
     rep = lint_model(onnx_file)
     render_report(rep, Console())
     if json_out:

@@ -39,16 +39,24 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     from ..bits import parse_bits
     from ..errors import UsageError
 
+    from .. import checks
+
     spec = parse_bits(bits)  # bad --bits: one line, exit 2, nothing written
     if iters is not None and iters < 1:
         raise UsageError("--iters must be >= 1")
+    checks.in_range("--qdrop", qdrop, 0.0, 1.0)
+    checks.writable_dir(out)
+    checks.device(device)
     from calibration.storage import open_set
 
     from ..model_io import load_model
     from ..quantize import ReconConfig, quantize_model, save_quantized
     from ..quantize.progressive import plot_loss_curve
 
+    from ..model_io import check_finite
+
     loaded = load_model(model, device)
+    check_finite(loaded)  # NaN/inf model: refused before the first block, naming the parameter at fault
     cset = open_set(calib, "c_qc", expect_fingerprint=loaded.fingerprint)
     keys = ["sample", "timestep"] + (["encoder_hidden_states"] if "encoder_hidden_states" in cset.fields else [])
     overrides = {"seed": seed, "progress": not quiet, "attn_matmul_quant": attn_matmul_quant,
@@ -63,7 +71,7 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     cfg = ReconConfig.preset(preset, **overrides)
     out = Path(out)
     ckpt = out / "checkpoints"
-    batches = cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys)
+    batches = _finite(cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), calib)
     qm = quantize_model(loaded, batches, spec, method, cfg, device, checkpoint_dir=ckpt)
     if compare_direct and method != "direct":
         from ..quantize.progressive import delta_pert
@@ -73,10 +81,31 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
         qm.log["direct_geomean_pert"] = dq.log["geomean_pert"]
         qm.log["delta_pert_vs_direct"] = delta_pert(qm.log, dq.log)
         click.echo(f"Delta_Pert vs direct at equal iterations: {qm.log['delta_pert_vs_direct']:+.2%}")
-    save_quantized(qm, out)
+    cm = cset.manifest.get("conditioning") if "encoder_hidden_states" in cset.fields else None
+    if cm:  # the conditioning length export and engines must take (quant.json `conditioning`)
+        shape = cm.get("shape") or [cm.get("tokens"), cm.get("dim")]
+        cm = {"source": f"calibration set ({cm.get('source')})", "shape": [None, *shape]}
+    save_quantized(qm, out, {"conditioning": cm})
     if method in ("pq", "bitshrink"):
         plot_loss_curve(qm.log, out / "quant_curve.png", cfg.curve_unit)
     shutil.rmtree(ckpt, ignore_errors=True)
+    if qm.log.get("reused_units"):
+        click.echo(f"reused {qm.log['reused_units']} of {len(qm.log['units'])} quantized blocks from {ckpt}")
     g = qm.log.get("geomean_pert")
     click.echo(f"quantized {spec.name} ({method}, {len(qm.log['units'])} blocks, "
                f"geo-mean block perturbation {g:.3e}) -> {out}" if g is not None else f"quantized -> {out}")
+
+
+def _finite(batches, calib):
+    """A calibration set with NaN/inf rows (collected from a broken model) is refused as such, not blamed on the
+    first block that sees it."""
+    import torch
+
+    from ..errors import UsageError
+
+    for b in batches:
+        for k, v in b.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise UsageError(f"calibration set {calib} holds NaN/inf values in '{k}'; recollect it from a "
+                                 f"healthy model")
+        yield b

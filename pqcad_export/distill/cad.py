@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,15 +126,17 @@ def images_from_dataset(path: str, n: int, shape: tuple[int, int, int]) -> torch
 
 
 def images_from_model(unet_fn: Callable, scheduler_config: dict[str, Any], shape: tuple[int, int, int], n: int,
-                      steps: int, seed: int, device: Union[str, torch.device], quiet: bool = True) -> torch.Tensor:
-    """Data-free training images: n samples of a model with the DDIM sampler (seeded)."""
+                      steps: int, seed: int, device: Union[str, torch.device], quiet: bool = True,
+                      cond=None) -> torch.Tensor:
+    """Data-free training images: n samples of a model with the DDIM sampler (seeded); image i is drawn with
+    conditioning row i (mod N) of `cond`, the row CAD pairs it with."""
     from ..metrics._progress import Progress
     from ..sampling import SamplerConfig, ddim_sample
 
     with Progress(n, f"CAD: sampling {n} training images ({steps} steps)", not quiet) as bar:
         return ddim_sample(unet_fn, scheduler_config, shape, n, SamplerConfig(steps=steps, batch_size=min(n, 32),
                                                                               seed=seed),
-                           device=device, progress=bar.advance)
+                           device=device, progress=bar.advance, cond=None if cond is None else cond.rows(n))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,6 +168,7 @@ class KdBatch:
     x_tilde: torch.Tensor
     z2: torch.Tensor
     t2: torch.Tensor
+    c: Optional[torch.Tensor] = None   # encoder_hidden_states of the images (conditional UNets)
 
 
 def kd_weight(sched: Schedule, t: int, weighting: str) -> float:
@@ -182,10 +186,13 @@ def _iter_generator(seed: int, it: int) -> torch.Generator:
 class _Trainer:
     def __init__(self, teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
                  images: torch.Tensor, device: torch.device, kd_unet: Optional[nn.Module] = None,
-                 student_bits: Optional[int] = 8):
-        self.cfg, self.device = cfg, device
+                 student_bits: Optional[int] = 8, cond=None):
+        from ..model_io import student_scheduler_config
+
+        self.cfg, self.device, self.cond = cfg, device, cond
         self.sched = Schedule.from_config(scheduler_config)
         self.scheduler_config = scheduler_config
+        self.student_scheduler_config = student_scheduler_config(scheduler_config, cfg.teacher_steps)
         _, self.grid = student_grid(scheduler_config, cfg.teacher_steps)
         self.teacher = teacher.to(device).eval()
         self.teacher.requires_grad_(False)
@@ -211,14 +218,18 @@ class _Trainer:
         t, z, x_tilde = kb.t, kb.z, kb.x_tilde
         rows = self.cdc.rows(t) if cfg.lam > 0 and cfg.calib_loss != "none" else None
         n_kd = z.shape[0]
-        inp = z
+        inp, cin = z, kb.c
         if rows is not None:
             k = rows["sample"].shape[0]
             sel = torch.randperm(k, generator=gen)[: cfg.cdc_batch] if k > cfg.cdc_batch else torch.arange(k)
             zc = rows["sample"][sel].to(dev)
             inp = torch.cat([z, zc])
+            if cin is not None:
+                if "encoder_hidden_states" not in rows:
+                    raise PqcadError("C_DC has no 'encoder_hidden_states' field (needed by a conditional UNet)")
+                cin = torch.cat([cin, rows["encoder_hidden_states"][sel].to(dev)])
         tt = torch.full((inp.shape[0],), int(t), dtype=torch.long, device=dev)
-        out = self.student_fn(inp, tt)
+        out = self.student_fn(inp, tt, cin)
         x_hat, _ = sched.to_x0_eps(out[:n_kd], z, tt[:n_kd])
         w = float(kd_weight(sched, t, cfg.kd_weighting))
         if cfg.kd_target == "x":  # Eq. (8) literally: unclipped x-prediction vs x_tilde
@@ -256,8 +267,10 @@ class _Trainer:
         x = self.images[idx].to(self.device)
         tt = torch.full((n,), t, dtype=torch.long, device=self.device)
         z = self.sched.q_sample(x, tt, noise.to(self.device))
-        x_tilde, z2, t2 = distillation_target(self.kd_fn, self.sched, z, tt, self.cfg.teacher_steps)
-        return KdBatch(t, z, x_tilde, z2, t2)
+        c = None if self.cond is None else self.cond.take(idx).to(self.device)
+        x_tilde, z2, t2 = distillation_target(lambda zz, ttt: self.kd_fn(zz, ttt, c), self.sched, z, tt,
+                                              self.cfg.teacher_steps)
+        return KdBatch(t, z, x_tilde, z2, t2, c)
 
     def make_eval_set(self) -> list["KdBatch"]:
         """Fixed (t, z_t, x_tilde) batches at `eval_steps` grid points spread from high to low noise."""
@@ -316,8 +329,9 @@ class _Trainer:
 
         seed = int(self.cfg.seed) + 9_001
         shape = tuple(self.images.shape[1:])
-        x = ddim_sample(self.student_fn, self.scheduler_config, shape, n,
-                        SamplerConfig(steps=self.cfg.teacher_steps // 2, batch_size=n, seed=seed), self.device)
+        x = ddim_sample(self.student_fn, self.student_scheduler_config, shape, n,
+                        SamplerConfig(steps=self.cfg.teacher_steps // 2, batch_size=n, seed=seed), self.device,
+                        cond=self._cond_rows(n))
         return {k: float((x - r).pow(2).mean()) for k, r in refs.items()}
 
     @torch.no_grad()
@@ -327,11 +341,15 @@ class _Trainer:
         seed = int(self.cfg.seed) + 9_001
         shape = tuple(self.images.shape[1:])
         sc = SamplerConfig(steps=self.cfg.teacher_steps, batch_size=n, seed=seed)
-        refs = {"teacher_100": ddim_sample(self.teacher_fn, self.scheduler_config, shape, n, sc, self.device)}
+        c = self._cond_rows(n)
+        refs = {"teacher_100": ddim_sample(self.teacher_fn, self.scheduler_config, shape, n, sc, self.device, cond=c)}
         if fp_unet is not None:
             refs["fp_100"] = ddim_sample(TorchUNet(fp_unet.to(self.device).eval()), self.scheduler_config, shape, n,
-                                         sc, self.device)
+                                         sc, self.device, cond=c)
         return refs
+
+    def _cond_rows(self, n: int) -> Optional[torch.Tensor]:
+        return None if self.cond is None else self.cond.rows(n)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state(self, it: int, history: list, extra: dict) -> dict[str, Any]:
@@ -361,7 +379,7 @@ def _check_kd_teacher(cfg: CadConfig, fp_unet: Optional[nn.Module]) -> None:
 def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource, cfg: CadConfig,
             images: torch.Tensor, out_dir: Union[str, Path, None] = None, device: Union[str, torch.device] = "cpu",
             quiet: bool = True, fingerprint: str = "", on_iter: Optional[Callable[[int], None]] = None,
-            fp_unet: Optional[nn.Module] = None, student_bits: Optional[int] = 8) -> CadResult:
+            fp_unet: Optional[nn.Module] = None, student_bits: Optional[int] = 8, cond=None) -> CadResult:
     """Alg. 4 on an nn.Module teacher (quantized wrappers or plain FP). Returns the frozen student.
 
     A plain FP teacher's student is put on a `student_bits` round-to-nearest grid, or stays FP with None.
@@ -382,10 +400,12 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
         raise PqcadError(f"CAD needs a non-empty NCHW image batch, got shape {tuple(images.shape)}")
     _check_kd_teacher(cfg, fp_unet)
     tr = _Trainer(teacher, scheduler_config, bank, cfg, images, device,
-                  kd_unet=fp_unet if cfg.kd_teacher == "fp" else None, student_bits=student_bits)
+                  kd_unet=fp_unet if cfg.kd_teacher == "fp" else None, student_bits=student_bits, cond=cond)
     out = Path(out_dir) if out_dir is not None else None
-    run_id = _digest({"cfg": cfg.to_dict(), "fingerprint": fingerprint, "images": _tensor_digest(images),
-                      "cdc": bank.count})
+    ident = {"cfg": cfg.to_dict(), "fingerprint": fingerprint, "images": _tensor_digest(images), "cdc": bank.count}
+    if cond is not None:  # (unconditional runs keep their old ids: their checkpoints stay resumable)
+        ident["cond"] = cond.fingerprint
+    run_id = _digest(ident)
     start, history, resumed_from = 0, [], None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -408,10 +428,24 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
     before = tr.evaluate(eval_set) if resumed_from is None else (history[0] if history else {})
     if resumed_from is None:
         history = [dict(before, iter=0, kind="eval")]
-    with Progress(cfg.iters, "CAD: distilling", not quiet) as bar:
-        bar.advance(start)
+    from ..interrupts import deferred
+    from .checkpoint import checkpoint_interval
+
+    every = checkpoint_interval(cfg)
+    desc = "CAD: distilling" + (f" (resumed at update {start} of {cfg.iters})" if start else "")
+    # the bar counts this process's updates only, so its rate is a real rate after a resume
+    with Progress(cfg.iters - start, desc, not quiet) as bar, deferred() as stop:
         run = {"loss": 0.0, "kd": 0.0, "calib": 0.0, "n": 0}
+        if resumed_from is not None:  # the unfinished log window, so the resumed history is the uninterrupted one
+            run = dict(ck["extra"].get("window") or run)
         n_no_cdc = int(ck["extra"].get("n_no_cdc", 0)) if resumed_from is not None else 0
+
+        def save(done: int) -> None:
+            st = tr.state(done, history, {"run_id": run_id, "n_no_cdc": n_no_cdc, "gap_before": gap.get("before"),
+                                          "window": dict(run)})
+            atomic_write(out / CHECKPOINT, lambda tmp, st=st: torch.save(st, tmp))
+
+        done = start
         for it in range(start, cfg.iters):
             rec = tr.step(it)
             n_no_cdc += 0 if rec["has_cdc"] else 1
@@ -423,13 +457,15 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
                 history.append({"iter": done, "kind": "train", **{k: run[k] / run["n"] for k in
                                                                    ("loss", "kd", "calib")}})
                 run = {"loss": 0.0, "kd": 0.0, "calib": 0.0, "n": 0}
-            if out is not None and (done % cfg.checkpoint_every == 0) and done < cfg.iters:
-                st = tr.state(done, history, {"run_id": run_id, "n_no_cdc": n_no_cdc,
-                                              "gap_before": gap.get("before")})
-                atomic_write(out / CHECKPOINT, lambda tmp, st=st: torch.save(st, tmp))
             bar.advance(1)
-            if on_iter is not None:
-                on_iter(done)
+            try:
+                if on_iter is not None:
+                    on_iter(done)
+            except KeyboardInterrupt:  # between two updates: as safe to keep as a deferred signal
+                stop.signum = stop.signum or int(signal.SIGINT)
+            if out is not None and done < cfg.iters and (done % every == 0 or stop.requested):
+                save(done)  # every `every` updates, and on SIGINT/SIGTERM after the update in flight
+            stop.raise_if_requested()
     after = tr.evaluate(eval_set)
     history.append(dict(after, iter=cfg.iters, kind="eval"))
     student = freeze_student(tr.student)
@@ -481,7 +517,7 @@ def _fp_model_for(quantized, fp_model, device) -> tuple[Optional[nn.Module], str
 
 
 def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Optional[nn.Module] = None,
-                    fp_desc: str = "", quiet: bool = True) -> tuple[torch.Tensor, str]:
+                    fp_desc: str = "", quiet: bool = True, cond=None) -> tuple[torch.Tensor, str]:
     """Training images for CAD, cached in out_dir (so a resumed run sees the same ones). `quantized` gives the shape
     and schedule (any model with `sample_shape` and `scheduler_config`, e.g. a LoadedModel, when `fp` is given); it
     draws the images itself only when no FP model and no dataset is known.
@@ -494,7 +530,7 @@ def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Option
     shape = quantized.sample_shape
     key = _digest({"dataset": cfg.dataset, "n": cfg.n_train_images, "seed": cfg.seed, "steps": cfg.teacher_steps,
                    "teacher": None if (cfg.dataset or fp is not None) else quantized.meta.get("fingerprint"),
-                   "fp": fp_desc})
+                   "fp": fp_desc, **({"cond": cond.fingerprint} if cond is not None and not cfg.dataset else {})})
     cache = out_dir / TRAIN_IMAGES
     if cache.is_file():
         try:
@@ -515,7 +551,7 @@ def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Option
         else:
             fn = TorchUNet(fp.to(device).eval())
         imgs = images_from_model(fn, quantized.scheduler_config, shape, cfg.n_train_images, cfg.teacher_steps,
-                                 cfg.seed + 4242, device, quiet)
+                                 cfg.seed + 4242, device, quiet, cond)
         source = f"data-free: {cfg.n_train_images} DDIM-{cfg.teacher_steps} samples of the {source}"
     atomic_write(cache, lambda tmp: save_file({"images": imgs.contiguous()}, tmp,
                                                metadata={"key": key, "source": source}))
@@ -524,7 +560,7 @@ def training_images(quantized, cfg: CadConfig, out_dir: Path, device, fp: Option
 
 def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path] = "student",
             device: Union[str, torch.device] = "cpu", fp_model=None, quiet: bool = True,
-            on_iter: Optional[Callable[[int], None]] = None):
+            on_iter: Optional[Callable[[int], None]] = None, cond=None):
     """CAD end to end: quantized 100-step teacher (QuantizedModel or its directory) + C_DC (calibration dir,
     set dir, rows dict or iterable of dict batches) -> quantized 50-step student saved in `out_dir` in the
     quantized format (`steps: 50`) with `cad_log.json`; returns the student as a QuantizedModel.
@@ -538,8 +574,7 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
         quantized = load_quantized(quantized, device)
     if not isinstance(quantized, QuantizedModel):
         raise PqcadError("distill() needs a QuantizedModel or a quantized model directory")
-    if quantized.is_conditional:
-        raise PqcadError("CAD supports unconditional UNets only (conditional training data is not collected)")
+    cond = _conditioning(quantized.unet, quantized.is_conditional, cond)
     if quantized.steps != cfg.teacher_steps:
         raise PqcadError(f"the quantized teacher samples with {quantized.steps} steps, CAD is configured for "
                          f"{cfg.teacher_steps}; distill a 100-step teacher (or set teacher_steps)")
@@ -552,19 +587,35 @@ def distill(quantized, cdc: CdcSource, cfg: Optional[CadConfig] = None, out_dir:
         raise PqcadError("C_DC is empty; collect it with `pqcad-export calibrate` or use --calib-loss none")
     fp, fp_desc = _fp_model_for(quantized, fp_model, device)
     _check_kd_teacher(cfg, fp)  # before drawing training images
-    images, source = training_images(quantized, cfg, out, device, fp, fp_desc, quiet)
+    images, source = training_images(quantized, cfg, out, device, fp, fp_desc, quiet, cond)
     res = run_cad(quantized.unet, quantized.scheduler_config, bank, cfg, images, out, device, quiet,
-                  fingerprint=str(quantized.meta.get("fingerprint", "")), on_iter=on_iter, fp_unet=fp)
+                  fingerprint=str(quantized.meta.get("fingerprint", "")), on_iter=on_iter, fp_unet=fp, cond=cond)
     student = QuantizedModel(unet=res.student, bits=quantized.bits, method=quantized.method,
                              meta=dict(quantized.meta), log=dict(quantized.log))
-    meta = {"steps": cfg.teacher_steps // 2, "distillation": {
+    from ..model_io import student_scheduler_config
+
+    meta = {"steps": cfg.teacher_steps // 2,
+            "scheduler_config": student_scheduler_config(quantized.scheduler_config, cfg.teacher_steps),
+            "conditioning": None if cond is None else cond.describe(), "distillation": {
         "method": "cad", "teacher_steps": cfg.teacher_steps, "teacher_fingerprint": quantized.meta.get("fingerprint"),
         "kd_teacher": cfg.kd_teacher, "calib_loss": cfg.calib_loss, "lambda": cfg.lam, "iters": cfg.iters,
         "training_images": source,
-        "cdc_fingerprint": bank.fingerprint, "rounding": res.log["weights"]}}
+        "cdc_fingerprint": bank.fingerprint, "rounding": res.log["weights"],
+        "teacher_scheduler_config": quantized.scheduler_config}}
     save_quantized(student, out, meta)
     _finish(out, res.log, training_images=source, student_fingerprint=student.meta.get("fingerprint"))
     return student
+
+
+def _conditioning(unet: nn.Module, conditional: bool, cond):
+    """A conditional UNet's conditioning: the one given, else the labelled default (conditioning.py)."""
+    if not conditional:
+        return None
+    if cond is None:
+        from ..conditioning import cross_attention_dim, default_conditioning
+
+        cond = default_conditioning(cross_attention_dim(unet))
+    return cond
 
 
 def _finish(out: Path, log: dict[str, Any], **fields: Any) -> None:
@@ -593,18 +644,20 @@ def distill_fp(model, cfg: Optional[CadConfig] = None, out_dir: Union[str, Path]
     cfg = (cfg or CadConfig.preset("quick")).with_overrides(calib_loss="none", kd_teacher="quantized")
     cfg.validate()
     lm = model if isinstance(model, LoadedModel) else load_model(model, device)
-    if lm.is_conditional:
-        raise PqcadError("CAD supports unconditional UNets only (conditional training data is not collected)")
+    cond = _conditioning(lm.unet, lm.is_conditional, lm.cond)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # FP_GIVEN keys the cache like the quantized students' images, so one drawn file serves both
-    images, source = training_images(lm, cfg, out, device, lm.unet, FP_GIVEN, quiet)
+    images, source = training_images(lm, cfg, out, device, lm.unet, FP_GIVEN, quiet, cond)
     res = run_cad(lm.unet, lm.scheduler_config, None, cfg, images, out, device, quiet, fingerprint=lm.fingerprint,
-                  on_iter=on_iter, student_bits=None)
+                  on_iter=on_iter, student_bits=None, cond=cond)
     res.student.save_pretrained(str(out / "unet"), safe_serialization=True)
     sched = out / "scheduler"
     sched.mkdir(exist_ok=True)
-    save_json_atomic(sched / "scheduler_config.json", lm.scheduler_config)
+    from ..model_io import student_scheduler_config
+
+    save_json_atomic(sched / "scheduler_config.json", student_scheduler_config(lm.scheduler_config,
+                                                                                cfg.teacher_steps))
     save_json_atomic(out / DISTILL_ONLY_META, {
         "steps": cfg.teacher_steps // 2, "method": "distill-only (FP, CAD without quantization or C_DC)",
         "teacher_steps": cfg.teacher_steps, "teacher_fingerprint": lm.fingerprint, "iters": cfg.iters,

@@ -124,16 +124,34 @@ INT4_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 INT8_TYPES = {onnx.TensorProto.INT8}
 
 
+def read_onnx_header(path: str | Path, flag: str = "") -> onnx.ModelProto:
+    """The ONNX file's graph without external weights; UsageError for a missing, empty or non-ONNX file (an empty
+    file parses as an empty ModelProto, which is not a model with "opset 0")."""
+    from ..errors import UsageError
+
+    p, who = Path(path), f"{flag} {path}".strip()
+    if not p.is_file():
+        raise PqcadError(f"no such ONNX file: {who}")
+    if p.stat().st_size == 0:
+        raise UsageError(f"unreadable ONNX file: {who} is empty")
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"unreadable ONNX file: {who} is not an ONNX model ({msg})") from None
+    if not m.opset_import or not m.graph.node:
+        raise UsageError(f"unreadable ONNX file: {who} holds no ONNX graph")
+    return m
+
+
 def lint_model(model: onnx.ModelProto | str | Path) -> LintReport:
     """Check every TensorRT QDQ rule; never raises for a bad graph (violations are returned)."""
     path = ""
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
-        p = Path(model)
-        if not p.is_file():
-            raise PqcadError(f"no such ONNX file: {model}")
+        read_onnx_header(model)
         try:
-            model = onnx.load(str(p), load_external_data=True)
+            model = onnx.load(str(model), load_external_data=True)
         except Exception as exc:
             raise PqcadError(f"not a readable ONNX model: {model} ({str(exc).splitlines()[0][:200]})") from None
     g = _Graph(model)

@@ -36,7 +36,8 @@ def export_quantized(quantized_dir: str | Path, out_onnx: str | Path, cfg: Optio
     q = load_quantized(quantized_dir)
     out_onnx = Path(out_onnx)
     meta = {"bits": q.bits.name, "method": q.method, "steps": q.steps,
-            "fingerprint": q.meta.get("fingerprint", ""), "source": str(Path(quantized_dir).resolve())}
+            "fingerprint": q.meta.get("fingerprint", ""), "source": str(Path(quantized_dir).resolve()),
+            "source_fingerprint": q.meta.get("source_fingerprint") or ""}
     res = export_unet(q.unet, out_onnx, cfg, meta=meta)
     rep = lint_model(out_onnx)
     atomic_write_text(out_onnx.parent / LINT_NAME, json.dumps(rep.to_dict(), indent=2))

@@ -5,6 +5,7 @@ from its own checkpoints when it was interrupted (per block in PQ, every N itera
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,8 +15,10 @@ import torch
 
 from ..bits import BitSpec, parse_bits
 from ..errors import PqcadError, UsageError
-from ..model_io import LoadedModel, load_model
+from ..model_io import LoadedModel
 from .compare import Candidate, CompareConfig, run_compare
+from .conditional import calib_cond_rows, export_configs
+from .preflight import dry_stage_configs, load_teacher
 from .run_dir import RunDir, stage_key
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -50,9 +53,25 @@ class BuildConfig:
     qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
     relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
     relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
+    cond: Optional[str] = None               # conditional UNets: --cond FILE.safetensors (None = labelled default)
 
     def validate(self) -> BitSpec:
+        """Every option, before anything is loaded or written (one UsageError line each)."""
+        from .. import checks
+
         bits = parse_bits(self.bits)
+        for flag, v in (("--samples", self.samples), ("--latency-batch", self.latency_batch),
+                        ("compare batch", self.compare_batch), ("--teacher-steps", self.teacher_steps)):
+            checks.positive(flag, v)
+        checks.positive("--seed", self.seed, allow_zero=True)
+        checks.positive("--lambda", self.lam, allow_zero=True)
+        checks.in_range("--qdrop", self.qdrop, 0.0, 1.0)
+        for stage_name, over in (self.overrides or {}).items():
+            for k, v in over.items():
+                if k.endswith("iters") and isinstance(v, (int, float)):
+                    checks.positive(f"{stage_name} {k}", v, allow_zero=True)
+        checks.writable_dir(self.out)
+        checks.device(self.device)
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend '{self.backend}': expected one of {', '.join(BACKENDS)}")
         if self.method not in ("pq", "direct", "bitshrink"):
@@ -66,8 +85,8 @@ class BuildConfig:
             from .relax import check_relax
 
             check_relax(self.relax_frac, self.relax_where)
+        dry_stage_configs(self)
         return bits
-
 
 def budget_overrides(quant_iters: Optional[int] = None, act_iters: Optional[int] = None,
                      distill_iters: Optional[int] = None) -> dict[str, dict[str, Any]]:
@@ -98,15 +117,26 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
             raise PqcadError("--backend tensorrt requested but the tensorrt package is not installed "
                              "(pip install 'pqcad-export[tensorrt]' on a machine with an NVIDIA GPU)")
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PqcadError("--device cuda requested but CUDA is not available")
-    teacher = load_model(cfg.model, device)
-    run = RunDir.open(cfg.out, teacher.fingerprint, asdict(cfg), resume=cfg.resume)
-    keys: dict[str, str] = {}
-    t_all = time.time()
     plan = ["calib", "quant", "student", "export", "engine", "report"]
     if cfg.stop_after and cfg.stop_after not in plan:
         raise UsageError(f"unknown stage '{cfg.stop_after}': one of {', '.join(plan)}")
+    teacher = load_teacher(cfg, device, plan.index(cfg.stop_after or "report") >= plan.index("student"))
+    from .lock import RunLock
+
+    with RunLock(cfg.out):
+        return _run_stages(cfg, bits, teacher, device, plan)
+
+
+def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: torch.device, plan: list[str]
+                ) -> dict[str, Any]:
+    run = RunDir.open(cfg.out, teacher.fingerprint, asdict(cfg), resume=cfg.resume)
+    cond = teacher.cond
+    run.state["conditioning"] = None if cond is None else cond.describe()
+    run.save()
+    if cond is not None:
+        _say(cfg, f"conditioning: {cond.label}")
+    keys: dict[str, str] = {}
+    t_all = time.time()
 
     def stage(i: int, name: str, key: str, outputs: tuple[str, ...], body: Callable[[], dict[str, Any]],
               what: str) -> None:
@@ -121,7 +151,8 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         except (PqcadError, KeyboardInterrupt) as exc:
             run.fail(name, str(exc) or type(exc).__name__)
             raise
-        run.finish(name, info)
+        facts = info.pop("_resume", None) if isinstance(info, dict) else None
+        run.finish(name, info, facts)
 
     # 1. calibration: C_QC + C_DC from the FP teacher
     from calibration.config import CalibConfig
@@ -141,10 +172,14 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     def do_calib():
         from calibration.collect import calibrate
 
-        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet)
+        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet, cond=calib_cond_rows(cond, ccfg))
         return {k: (v or {}).get("count") for k, v in res.items()}
 
-    stage(1, "calib", stage_key("calib", teacher.fingerprint, ccfg.to_dict()),
+    # everything that changes C_QC / C_DC: the weights, the scheduler config, the conditioning, the settings
+    ident = [teacher.fingerprint, ccfg.to_dict(), teacher.scheduler_config]
+    if cond is not None:
+        ident.append(cond.fingerprint)
+    stage(1, "calib", stage_key("calib", *ident),
           ("calib/c_qc/manifest.json", "calib/c_dc/manifest.json"), do_calib,
           f"C_QC ({ccfg.strategy}) + C_DC from {cfg.teacher_steps}-step FP trajectories")
     if cfg.stop_after == "calib":
@@ -165,8 +200,13 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
         batches = cset.iter_batches(batch_size=64, shuffle=True, seed=cfg.seed, keys=_calib_keys(cset))
         qm = quantize_model(teacher, batches, bits, cfg.method, rcfg, device,
                             checkpoint_dir=quant_dir / "checkpoints")
-        save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps})
-        return {"bits": bits.name, "method": cfg.method}
+        save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps,
+                                       "conditioning": None if cond is None else cond.describe()})
+        reused = int(qm.log.get("reused_units", 0))
+        if reused:
+            _say(cfg, f"  reused {reused} of {len(qm.log['units'])} quantized blocks from checkpoints")
+        return {"bits": bits.name, "method": cfg.method,
+                "_resume": {"resumed": reused > 0, "reused_blocks": reused, "blocks": len(qm.log["units"])}}
 
     stage(2, "quant", stage_key("quant", keys["calib"], bits.name, cfg.method, rcfg.fingerprint(), cfg.seed),
           ("quant/quant.json",), do_quant, f"{bits.name} block reconstruction, method {cfg.method}")
@@ -184,8 +224,13 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     def do_student():
         from ..distill.cad import distill
 
-        st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet)
-        return {"steps": st.steps, "calib_loss": dcfg.calib_loss}
+        st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet,
+                     cond=cond)
+        start = json.loads((student_dir / "cad_log.json").read_text()).get("resumed_from")
+        if start:
+            _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {dcfg.iters}")
+        return {"steps": st.steps, "calib_loss": dcfg.calib_loss,
+                "_resume": {"resumed": bool(start), "resumed_from_iter": start or 0}}
 
     stage(3, "student", stage_key("student", keys["quant"], asdict(dcfg)), ("student/quant.json",), do_student,
           f"CAD {cfg.teacher_steps}->{cfg.student_steps} steps, calibration loss {dcfg.calib_loss}, "
@@ -195,17 +240,18 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
 
     # 4. export + TensorRT rule check + ONNX Runtime parity
     onnx_path = run.path("export") / "unet.onnx"
+    ecfg, pcfg = export_configs(cond)
 
     def do_export():
         from ..export.stage import export_quantized
 
-        res = export_quantized(student_dir, onnx_path)
+        res = export_quantized(student_dir, onnx_path, ecfg, parity_cfg=pcfg)
         par = res.parity or {}
         return {"onnx": str(onnx_path), "lint_ok": res.lint.get("ok"), "parity_rel_l2": par.get("max_rel_l2"),
                 "labels": res.export.get("labels")}
 
-    stage(4, "export", stage_key("export", keys["student"]), ("export/unet.onnx",), do_export,
-          "QDQ ONNX, TensorRT QDQ rule check, ONNX Runtime parity")
+    ekey = stage_key("export", keys["student"], *(() if ecfg is None else (ecfg.to_dict(),)))
+    stage(4, "export", ekey, ("export/unet.onnx",), do_export, "QDQ ONNX, TensorRT QDQ rule check, ONNX Runtime parity")
     if cfg.stop_after == "export":
         return _summary(cfg, run, t_all)
 
@@ -232,7 +278,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
                                 teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
 
     def do_report():
-        cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device)
+        cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device, cond)
         if cfg.relax_frac is not None:  # PCR activation relaxing: INT8 engine + a no-activation-QDQ engine
             from .relax import build_relaxed_engine, relax_candidate
 
@@ -266,8 +312,11 @@ def _calib_keys(cset) -> list[str]:
 
 
 def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torch_student: bool,
-                   device: torch.device) -> list[Candidate]:
-    """The engine of a run directory (and optionally its PyTorch fake-quant student) as compare candidates."""
+                   device: torch.device, cond=None) -> list[Candidate]:
+    """The engine of a run directory (and optionally its PyTorch fake-quant student) as compare candidates;
+    `cond` (conditional UNets) fills their encoder_hidden_states as it does the teacher's."""
+    from ..sampling import with_cond
+
     from engines import EngineError, load_engine
     from engines.manifest import read_manifest
 
@@ -282,23 +331,27 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
     cands = []
     if (engine_dir / "engine.json").is_file():
         info = read_manifest(engine_dir)
+        from .compare import check_engine_model
+
+        fp_notes = check_engine_model(info, teacher, engine_dir)
         try:
             eng = load_engine(engine_dir)
         except EngineError as exc:
             raise PqcadError(str(exc)) from None
+        notes = list(info.notes) + fp_notes
         size = sum(f.stat().st_size for f in engine_dir.iterdir() if f.is_file() and f.name != "engine.json")
         cands.append(Candidate(name=f"{bits.name}-{info.backend}", backend=info.backend,
-                               precision=_precision_label(bits, info), steps=student.steps, unet=eng,
-                               model_bytes=size, scheduler_config=sched,
+                               precision=_precision_label(bits, info), steps=student.steps,
+                               unet=with_cond(eng, cond), model_bytes=size, scheduler_config=sched,
                                executed_on="cuda" if eng.device.type == "cuda" else "cpu",
                                extra={"int_weight_bytes": ib, "engine_dir": str(engine_dir)},
-                               notes=list(info.notes)))
+                               notes=notes))
     if include_torch_student or not cands:
         from ..sampling import TorchUNet
 
         cands.append(Candidate(name=f"{bits.name}-pytorch-fakequant", backend="pytorch",
                                precision=f"{bits.name} fake-quant (fp32 kernels)", steps=student.steps,
-                               unet=TorchUNet(student.unet), model_bytes=ib, scheduler_config=sched,
+                               unet=TorchUNet(student.unet, cond), model_bytes=ib, scheduler_config=sched,
                                executed_on=device.type, extra={"int_weight_bytes": ib}))
     return cands
 
@@ -333,8 +386,6 @@ def _summary(cfg: BuildConfig, run: RunDir, t_all: float) -> dict[str, Any]:
     summary = {"run": str(run.root), "stages": rows, "seconds": round(time.time() - t_all, 1)}
     rep = run.path("report") / "compare.json"
     if rep.is_file():
-        import json
-
         summary["compare"] = json.loads(rep.read_text())
     run.state["summary"] = {k: v for k, v in summary.items() if k != "compare"}
     run.save()

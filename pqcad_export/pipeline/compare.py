@@ -177,6 +177,18 @@ def _load_ref_stats(cfg: CompareConfig, extractor, notes: list[str]):
     return None
 
 
+def check_engine_model(info, teacher: LoadedModel, engine_dir) -> list[str]:
+    """Refuse an engine built from another model (engine.json `model_fingerprint`); notes when it cannot tell."""
+    fp = getattr(info, "model_fingerprint", None)
+    if fp is None:
+        return ["engine.json records no source-model fingerprint (built before it was recorded): the model could "
+                "not be checked"]
+    if fp != teacher.fingerprint:
+        raise PqcadError(f"engine {engine_dir} was built from model {fp}, not from {teacher.path} "
+                         f"({teacher.fingerprint}); pass the --model it was made from")
+    return []
+
+
 def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str | Path, cfg: CompareConfig,
                 quiet: bool = False) -> dict[str, Any]:
     """Measure everything and write compare.json / compare.png / samples.png into out_dir."""
@@ -189,7 +201,9 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x_lat = torch.randn((lb, *shape), generator=g).to(device)
     t_lat = torch.full((lb,), 500, dtype=torch.long, device=device)
-    teacher_fn = TorchUNet(teacher.unet.to(device))
+    teacher_fn = TorchUNet(teacher.unet.to(device), teacher.cond)
+    if teacher.cond is not None:
+        notes.append(f"conditioning: {teacher.cond.label}")
     images: dict[str, torch.Tensor] = {}
     with _Bar(quiet) as bar:
         adv = bar.task("latency, FP32 teacher", 1)
@@ -231,6 +245,8 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         fid_features = None
         if cfg.no_fid:
             notes.append("fid, fid_to_fp32: skipped (--no-fid)")
+        elif shape[0] not in (1, 3):  # e.g. a latent-diffusion UNet: its samples need a VAE to become images
+            notes.append(f"fid, fid_to_fp32: skipped: the UNet samples {shape[0]}-channel latents, not images")
         else:
             fid_features = _score(cfg, images, reference, cand_entries, notes, bar)
     report = {

@@ -84,15 +84,19 @@ class RunDir:
         return all((self.root / o).exists() for o in outputs)
 
     def start(self, stage: str, key: str) -> None:
+        """`resumed` starts False: only the stage itself knows whether it reused checkpointed work (finish)."""
         prev = self.state["stages"].get(stage, {})
-        resumed = prev.get("key") == key and prev.get("status") in ("running", "failed")
+        retry = prev.get("key") == key and prev.get("status") in ("running", "failed")
         self.state["stages"][stage] = {"status": "running", "key": key, "started": time.time(),
-                                       "resumed": bool(resumed)}
+                                       "resumed": False, "rerun_after_interruption": bool(retry)}
         self.save()
 
-    def finish(self, stage: str, info: Optional[dict[str, Any]] = None) -> None:
+    def finish(self, stage: str, info: Optional[dict[str, Any]] = None,
+               resume: Optional[dict[str, Any]] = None) -> None:
+        """`resume`: the stage's own facts (resumed, reused_blocks / resumed_from_iter)."""
         st = self.state["stages"][stage]
         st.update({"status": "done", "seconds": round(time.time() - st["started"], 2), "info": info or {}})
+        st.update(resume or {})
         self.save()
 
     def fail(self, stage: str, message: str) -> None:

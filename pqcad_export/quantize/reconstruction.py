@@ -451,7 +451,8 @@ class UnitContext:
         if not torch.isfinite(chunk).all():
             bad = int((~torch.isfinite(chunk)).nonzero()[0, 0]) + it0
             raise PqcadError(f"non-finite reconstruction loss in block {self.unit.name} "
-                             f"({phase} phase, iteration {bad}); nothing was written")
+                             f"({phase} phase, iteration {bad})"
+                             f"; no quantized model was written (finished blocks stay checkpointed)")
 
     def _advance(self, n: int, loss: float, label: str) -> None:
         if self.progress is not None and self._task is not None:
@@ -574,11 +575,13 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
         atomic_write_json(pf, progress_doc)
 
     logs: list[dict] = list(progress_doc["log"])
+    reused = 0
     with _make_progress(cfg.progress) as progress:
         for ui, unit in enumerate(units):
             upath = ckpt / f"unit_{ui:03d}.safetensors" if ckpt else None
             if unit.name in progress_doc["done"] and upath is not None and upath.is_file():
                 _load_unit_state(qmodel, unit, upath)
+                reused += 1
                 continue
             t0 = time.time()
             entry = _reconstruct_unit(qmodel, fp, unit, calib, cfg, schedule, device, ui, bits, progress)
@@ -598,7 +601,7 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     perts = [e["pert"] for e in logs if e.get("pert") is not None]
     log = {"method": method, "bits": bits.name, "units": logs,
            "geomean_pert": _geomean(perts), "seconds": round(time.time() - t_start, 3),
-           "device": str(device), "config": cfg.fingerprint()}
+           "device": str(device), "config": cfg.fingerprint(), "reused_units": reused}
     meta = {"bits": bits.name, "method": method, "steps": 100, "scheduler_config": dict(loaded.scheduler_config),
             "unet_config": _unet_config(fp), "class_name": loaded.class_name,
             "source_fingerprint": loaded.fingerprint, "first_last_bits": cfg.first_last_bits,
@@ -649,7 +652,8 @@ def _reconstruct_unit(qmodel, fp, unit: Unit, calib, cfg: ReconConfig, schedule,
             for m in ctx.layers:
                 m.wq.mode = "hard"
                 if not torch.isfinite(m.wq.alpha).all() or not torch.isfinite(m.w_fp).all():
-                    raise PqcadError(f"non-finite weights in block {unit.name}; nothing was written")
+                    raise PqcadError(f"non-finite weights in block {unit.name}"
+                                     f"; no quantized model was written (finished blocks stay checkpointed)")
             entry["pert_w"] = ctx.perturbation()
     finally:
         for q, en in act_flags:
@@ -660,7 +664,8 @@ def _reconstruct_unit(qmodel, fp, unit: Unit, calib, cfg: ReconConfig, schedule,
             ctx.optimize_act_scales(cfg.act_iters)
     entry["pert"] = ctx.perturbation()
     if not math.isfinite(entry["pert"]):
-        raise PqcadError(f"non-finite output of block {unit.name}; nothing was written")
+        raise PqcadError(f"non-finite output of block {unit.name}"
+                         f"; no quantized model was written (finished blocks stay checkpointed)")
     entry["events"] = ctx.events
     curve = ctx.loss_curve()
     stride = max(1, len(curve) // 1000)
