@@ -62,7 +62,8 @@ def job_quant(ctx: Ctx, job: Job) -> dict[str, Any]:
     calib = job.params.get("calib", "uniform")
     cset = open_set(ctx.dir(f"calib-{calib}"), "c_qc", expect_fingerprint=ctx.teacher.fingerprint)
     keys = [k for k in ("sample", "timestep") if k in cset.fields]
-    cfg = ReconConfig.preset("paper", **p.recon_overrides(), recon_loss=job.params.get("recon", "block"))
+    cfg = ReconConfig.preset("paper", **p.recon_overrides(), recon_loss=job.params.get("recon", "block"),
+                             mixed_precision=job.params.get("mp", "off"))
     out = ctx.dir(job.name)
     t0 = time.time()
     qm = quantize_model(ctx.teacher, cset.iter_batches(batch_size=64, shuffle=True, seed=p.seed, keys=keys),

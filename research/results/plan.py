@@ -76,8 +76,9 @@ class Job:
                 "timing": "exclusive", "score": "score"}.get(self.kind, "eval")
 
 
-def quant_name(bits: str, method: str, calib: str = "uniform", recon: str = "block") -> str:
-    return f"quant-{bits}-{method}" + ("" if calib == "uniform" else f"-{calib}") + ("" if recon == "block" else f"-{recon}")
+def quant_name(bits: str, method: str, calib: str = "uniform", recon: str = "block", mp: str = "off") -> str:
+    return (f"quant-{bits}-{method}" + ("" if calib == "uniform" else f"-{calib}")
+            + ("" if recon == "block" else f"-{recon}") + ("" if mp == "off" else "-mp"))
 
 
 def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
@@ -120,6 +121,15 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
                     {"quant": q, "loss": loss, "overrides": {"seed": 1}, "images": "cad-images-seed1"}))
         q = quant_name(bits, "direct")
         add(Job(f"cad-{bits}-direct-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
+        # issue 21: the mixed-precision plan (auto: sensitivity-chosen FP-activation layers, 8-bit weights at W4)
+        # with round-to-nearest, direct and PQ, PQ at 50 steps, PQCAD with both KD targets
+        for method in ("rtn", "direct", "pq"):
+            add(Job(quant_name(bits, method, mp="auto"), "quant", ["calib-uniform"],
+                    {"bits": bits, "method": method, "mp": "auto"}))
+        q = quant_name(bits, "pq", mp="auto")
+        add(Job(f"cad-{bits}-pq-mp-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
+        add(Job(f"cad-{bits}-pq-mp-em-fpkd", "cad", [q, "calib-uniform", "cad-images"],
+                {"quant": q, "loss": "em", "overrides": {"kd_teacher": "fp"}}))
     for strat in ("ndtc", "tdac", "pcr"):
         add(Job(quant_name("w4a8", "pq", strat), "quant", [f"calib-{strat}"],
                 {"bits": "w4a8", "method": "pq", "calib": strat}))
@@ -138,6 +148,8 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
             models[name] = {"type": "fp_dir", "dir": name, "steps": 50}
     for bits in BITS:  # the 100-step PQ teacher sampled with 50 steps: the students' no-distillation baseline
         models[f"quant-{bits}-pq-50steps"] = {"type": "quant", "dir": quant_name(bits, "pq"), "steps": 50}
+        models[f"quant-{bits}-pq-mp-50steps"] = {"type": "quant", "dir": quant_name(bits, "pq", mp="auto"),
+                                                 "steps": 50}
     for frac in plan.relax_fracs:
         models[f"relax-w4a8-x0-{frac:g}"] = {"type": "relax", "dir": "cad-w4a8-pq-em", "steps": 50, "frac": frac,
                                              "where": "x0"}
