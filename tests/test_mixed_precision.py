@@ -254,3 +254,18 @@ def test_cli_rejects_bad_budgets(tmp_path):
     r = CliRunner().invoke(main, ["quantize", "--calib", str(tmp_path), "--bits", "w4a8", "--out",
                                   str(tmp_path / "q"), "--w8-budget", "-0.1"])
     assert r.exit_code == 2 and "--w8-budget" in r.output
+
+
+def test_rtx_build_shows_planned_layers_as_float(planned, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed")
+    from engines.tensorrt import TrtConfig, build_trt_engine
+
+    qm, d, res = planned
+    exp = json.loads({p.key: p.value for p in onnx.load(str(res.onnx)).metadata_props}["pqcad.expect"])
+    info = build_trt_engine(res.onnx, tmp_path / "eng", TrtConfig(compute_capability="SM89", max_batch=4,
+                                                                  opt_batch=2), "tensorrt-rtx")
+    counts = info.precision["quantized_layers"]
+    fp_nodes = [e for e in exp if e.get("float_act")]
+    assert len(fp_nodes) > 2  # the plan's layers besides conv_in / conv_out
+    # float also counts the 8 attention matmuls (attention matmul quantization is off here)
+    assert counts["int8"] == len(exp) - len(fp_nodes) and counts["float"] == len(fp_nodes) + 8, counts

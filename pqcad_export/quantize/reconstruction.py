@@ -586,12 +586,12 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     fp = fp.to(device).float().eval()
     fp.requires_grad_(False)
     from .plan import decide_plan, plan_from_specs
-    from .sensitivity import mac_table, measure_sensitivity
+    from .sensitivity import mac_table
 
     pcfg = cfg.plan_config()
     sens = None
     if pcfg.mode is MixedPrecision.AUTO:  # decided before reconstruction, applied when wrapping
-        sens = measure_sensitivity(fp, calib, bits, cfg.first_last_bits, cfg.io_act_quant)
+        sens = _sensitivity(fp, calib, bits, cfg, loaded.fingerprint, checkpoint_dir)
     plan = decide_plan(sens, pcfg, bits.act_bits, bits.quantize_activations)
     qmodel = copy.deepcopy(fp)
     wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant, cfg.io_act_quant,
@@ -655,6 +655,28 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
     floors = [e["name"] for e in logs if e.get("floor_used")]
     log["floor_used_blocks"] = floors
     return QuantizedModel(unet=qmodel, bits=bits, method=method, meta=meta, log=log, sensitivity=sens)
+
+
+def _sensitivity(fp, calib, bits: BitSpec, cfg: ReconConfig, model_fp: str, checkpoint_dir) -> dict[str, Any]:
+    """measure_sensitivity, reused from the checkpoint directory when model, data and bits are unchanged."""
+    from .sensitivity import measure_sensitivity
+
+    key = hashlib.sha256(json.dumps([model_fp, calibration_hash(calib), bits.name, cfg.first_last_bits,
+                                     cfg.io_act_quant]).encode()).hexdigest()[:16]
+    f = Path(checkpoint_dir) / "sensitivity.json" if checkpoint_dir else None
+    if f is not None and f.is_file():
+        try:
+            doc = json.loads(f.read_text())
+            if doc.get("key") == key:
+                return doc
+        except json.JSONDecodeError:
+            pass
+    doc = measure_sensitivity(fp, calib, bits, cfg.first_last_bits, cfg.io_act_quant)
+    doc["key"] = key
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(f, doc)
+    return doc
 
 
 def _geomean(xs: list[float]) -> Optional[float]:
