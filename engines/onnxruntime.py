@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -358,6 +359,24 @@ def to_cpu_int8(model: onnx.ModelProto, cfg: Optional[OrtConfig] = None,
     return m, stats
 
 
+def layer_counts(model: onnx.ModelProto) -> dict[str, Any]:
+    """Integer vs float-input layers of the exported graph (its `pqcad.expect` record; a split conv is one layer):
+    a mixed-precision plan's FP layers carry no activation Q/DQ, so this copy runs them on float kernels."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        exp = json.loads(meta.get("pqcad.expect", "[]"))
+    except json.JSONDecodeError:
+        exp = []
+    kinds: dict[str, bool] = {}
+    for e in exp:
+        if e.get("weight") is None:  # attention matmuls: not conv/linear layers
+            continue
+        name = e.get("layer", e.get("node", "?")).rsplit(".part", 1)[0]
+        kinds[name] = kinds.get(name, False) or bool(e.get("act"))
+    fl = sorted(n for n, q in kinds.items() if not q)
+    return {"int_layers": len(kinds) - len(fl), "float_layers": len(fl), "float_layer_names": fl}
+
+
 # ----------------------------------------------------------------------------------------------- engine
 def _input_meta(model: onnx.ModelProto) -> tuple[list[str], list[str], Optional[list[int]], str]:
     ins = [i.name for i in model.graph.input]
@@ -430,7 +449,7 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
                       version=ort.__version__, input_names=ins, output_names=outs, sample_shape=shape,
                       timestep_dtype=t_dtype, device="cuda" if providers[0].startswith("CUDA") else "cpu",
                       executed=False, validated=False,
-                      precision={"mode": cfg.mode, "providers": providers, **ks, **stats},
+                      precision={"mode": cfg.mode, "providers": providers, **ks, **stats, **layer_counts(src)},
                       layers=[], build_log=log, notes=notes, options=cfg.to_dict())
     write_manifest(info, out)
     return info

@@ -14,8 +14,14 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--preset", default=None, type=click.Choice(["quick", "paper"]),
               help="quick (default on CPU): minutes on 2 cores; paper: the paper's hyper-parameters "
                    "(default with --device cuda)")
-@click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink"]),
-              help="weight quantization: Progressive Quantization, plain kappa-bit, or bit-shrinking")
+@click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink", "rtn"]),
+              help="weight quantization: Progressive Quantization, plain kappa-bit, bit-shrinking, or rtn "
+                   "(round-to-nearest + MSE scales, nothing learned)")
+@click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
+              help="quant: auto keeps the most sensitive layers' inputs FP16 / weights 8-bit within the budgets")
+@click.option("--fp-budget", default=None, type=float, help="quant: max fraction of MACs with FP inputs [0.08]")
+@click.option("--w8-budget", default=None, type=float,
+              help="quant: max fraction of weights at 8 bits when K < 8 [0.25]")
 @click.option("--calib-strategy", default="uniform", show_default=True,
               help="C_QC selection: uniform | ndtc | tdac | pcr (see `calibrate --help`)")
 @click.option("--calib-loss", default="em", show_default=True,
@@ -57,7 +63,7 @@ from ..cli import MODEL_HELP, friendly, main
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_teacher, teacher_steps, student_steps,
           backend, device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet,
           recon_loss="block", qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None,
-          distill_iters=None, cond=None):
+          distill_iters=None, cond=None, mixed_precision="auto", fp_budget=None, w8_budget=None):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
@@ -75,5 +81,6 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_
                       seed=seed, samples=samples, latency_batch=latency_batch,
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
-                      overrides=budget_overrides(quant_iters, act_iters, distill_iters), cond=cond)
+                      overrides=budget_overrides(quant_iters, act_iters, distill_iters), cond=cond,
+                      mixed_precision=mixed_precision, fp_budget=fp_budget, w8_budget=w8_budget)
     print_summary(run_build(cfg))

@@ -12,8 +12,16 @@ from ..cli import MODEL_HELP, PRESETS, friendly, main
 @click.option("--calib", required=True, type=click.Path(), help="calibration directory (C_QC from `calibrate`)")
 @click.option("--bits", required=True, help="wKaA: w8a8, w4a8, w4a16, w8a16")
 @click.option("--out", required=True, type=click.Path(), help="output directory for the quantized model")
-@click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink"]),
-              help="pq: progressive tau=2k -> k bits; direct: AdaRound at k bits; bitshrink: fixed-cycle baseline")
+@click.option("--method", default="pq", show_default=True, type=click.Choice(["pq", "direct", "bitshrink", "rtn"]),
+              help="pq: progressive tau=2k -> k bits; direct: AdaRound at k bits; bitshrink: fixed-cycle baseline; "
+                   "rtn: round-to-nearest + MSE scales, nothing learned")
+@click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
+              help="auto: keep the most sensitive layers' inputs FP (FP16 in TensorRT) and, below 8-bit weights, "
+                   "their weights at 8 bits, within --fp-budget / --w8-budget; off: every layer integer")
+@click.option("--fp-budget", default=None, type=float,
+              help="max fraction of conv/linear MACs with FP inputs (auto) [default 0.08]")
+@click.option("--w8-budget", default=None, type=float,
+              help="max fraction of conv/linear weights kept at 8 bits when K < 8 (auto) [default 0.25]")
 @click.option("--preset", default="quick", show_default=True, type=PRESETS)
 @click.option("--iters", default=None, type=int, help="override AdaRound iterations per block")
 @click.option("--attn-matmul-quant", is_flag=True, help="also quantize attention q, k, v and softmax output")
@@ -31,7 +39,7 @@ from ..cli import MODEL_HELP, PRESETS, friendly, main
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @friendly
 def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, io_act_quant, recon_loss, fbr_gamma,
-             qdrop, compare_direct, device, seed, quiet):
+             qdrop, compare_direct, device, seed, quiet, mixed_precision="auto", fp_budget=None, w8_budget=None):
     """Quantize weights (learned rounding, per-channel) and activations (learned steps) block by block."""
     import shutil
     from pathlib import Path
@@ -47,6 +55,9 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     checks.in_range("--qdrop", qdrop, 0.0, 1.0)
     checks.writable_dir(out)
     checks.device(device)
+    from ..quantize.plan import plan_overrides
+
+    plan_over = plan_overrides(mixed_precision, fp_budget, w8_budget)  # bad budget: exit 2, nothing written
     from calibration.storage import open_set
 
     from ..model_io import load_model
@@ -64,6 +75,7 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     if iters is not None:
         overrides["iters"] = iters
     overrides["recon_loss"] = recon_loss
+    overrides.update(plan_over)
     if fbr_gamma is not None:
         overrides["fbr_gamma"] = fbr_gamma
     if qdrop is not None:
@@ -86,11 +98,18 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
         shape = cm.get("shape") or [cm.get("tokens"), cm.get("dim")]
         cm = {"source": f"calibration set ({cm.get('source')})", "shape": [None, *shape]}
     save_quantized(qm, out, {"conditioning": cm})
+    if (out / "sensitivity.json").is_file() and qm.sensitivity is None:
+        (out / "sensitivity.json").unlink()  # a stale measurement from an earlier auto run
     if method in ("pq", "bitshrink"):
         plot_loss_curve(qm.log, out / "quant_curve.png", cfg.curve_unit)
     shutil.rmtree(ckpt, ignore_errors=True)
     if qm.log.get("reused_units"):
         click.echo(f"reused {qm.log['reused_units']} of {len(qm.log['units'])} quantized blocks from {ckpt}")
+    mp = qm.meta.get("mixed_precision", {})
+    if mp.get("mode") == "auto":
+        click.echo(f"mixed precision: {len(mp['fp_act_layers'])} layer(s) with FP inputs "
+                   f"({100 * mp['fp_mac_fraction']:.1f} % of MACs), {len(mp['w8_layers'])} with 8-bit weights "
+                   f"({100 * mp['w8_weight_fraction']:.1f} % of weights); see sensitivity.png")
     g = qm.log.get("geomean_pert")
     click.echo(f"quantized {spec.name} ({method}, {len(qm.log['units'])} blocks, "
                f"geo-mean block perturbation {g:.3e}) -> {out}" if g is not None else f"quantized -> {out}")

@@ -19,7 +19,9 @@ from onnx import numpy_helper
 
 from ..errors import PqcadError
 
-EXPECT_KEY = "pqcad.expect"          # JSON: [{"node": name, "op": "Conv", "act": [0], "weight": "int8"|"int4"|null}]
+EXPECT_KEY = "pqcad.expect"          # JSON: [{"node": name, "op": "Conv", "act": [0], "weight": "int8"|"int4"|null,
+#                                              "float_act": [0] (inputs that must stay FP)}]
+PLAN_META = "mixed_precision"        # written as metadata "pqcad.meta.mixed_precision" (quantize/plan.py)
 STANDARD_DOMAINS = ("", "ai.onnx")
 MIN_OPSET = 17
 MIN_OPSET_INT4 = 21
@@ -295,7 +297,16 @@ def lint_model(model: onnx.ModelProto | str | Path) -> LintReport:
                 if g.dtype(p.input[0]) not in want:
                     add("expected-quantized", n, f"weight of {n.op_type} should be {wk}")
                     bad = True
+        for i in e.get("float_act", []):
+            p = g.producer.get(n.input[i]) if i < len(n.input) else None
+            pp = g.producer.get(p.input[0]) if p is not None and p.op_type == "DequantizeLinear" else None
+            if pp is not None and pp.op_type == "QuantizeLinear":
+                add("expected-float", n, f"input {i} of {n.op_type} is planned floating point but is quantized")
+                bad = True
         n_expect_ok += not bad
+    float_layers = sorted({e.get("layer", e.get("node", "?")).rsplit(".part", 1)[0] for e in expected
+                           if e.get("float_act")})
+    _check_plan(meta, expected, add)
     # compute nodes with exactly one of two inputs quantized run unquantized in TensorRT: warn
     for n in g.nodes:
         if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) >= 2:
@@ -307,8 +318,30 @@ def lint_model(model: onnx.ModelProto | str | Path) -> LintReport:
                                         "it in floating point", "warning")
     rep.stats = {"quantize_linear": len(q_nodes), "dequantize_linear": len(dq_nodes),
                  "quantized_conv": n_qconv, "quantized_matmul_gemm": n_qmm, "int4_weights": n_int4,
-                 "expected": len(expected), "expected_ok": n_expect_ok, "nodes": len(g.nodes)}
+                 "expected": len(expected), "expected_ok": n_expect_ok, "nodes": len(g.nodes),
+                 "float_input_layers": float_layers}
     return rep
+
+
+def _check_plan(meta: dict[str, str], expected: list[dict[str, Any]], add) -> None:
+    """The graph's per-layer expectations agree with the mixed-precision plan recorded at export."""
+    raw = meta.get(f"pqcad.meta.{PLAN_META}")
+    if not raw:
+        return
+    try:
+        plan = json.loads(raw)
+    except json.JSONDecodeError:
+        add("metadata", "<model>", f"metadata 'pqcad.meta.{PLAN_META}' is not valid JSON")
+        return
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for e in expected:
+        by_layer.setdefault(e.get("layer", "").rsplit(".part", 1)[0], []).append(e)
+    for name in plan.get("fp_act_layers", []):
+        es = by_layer.get(name)
+        if not es:
+            add("plan", name, "planned FP-input layer has no node in the export")
+        elif any(e.get("act") or not e.get("float_act") for e in es):
+            add("plan", name, "planned FP-input layer is exported with a quantized input")
 
 
 def _check_weight_axis(g: _Graph, dq: onnx.NodeProto, consumer: onnx.NodeProto, want_axis: int, add) -> None:
@@ -365,6 +398,9 @@ def render_report(rep: LintReport, console=None) -> None:
                   f"{s.get('quantized_conv', 0)} quantized Conv, {s.get('quantized_matmul_gemm', 0)} quantized "
                   f"MatMul/Gemm, {s.get('int4_weights', 0)} INT4 weights, expectations "
                   f"{s.get('expected_ok', 0)}/{s.get('expected', 0)} met")
+    fl = s.get("float_input_layers") or []
+    if fl:
+        console.print(f"{len(fl)} layer(s) with floating-point inputs (no Q/DQ; FP16 in TensorRT): {', '.join(fl)}")
     if rep.violations:
         t = Table(title="TensorRT QDQ rule check")
         for c in ("severity", "rule", "node", "message"):

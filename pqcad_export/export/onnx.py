@@ -332,6 +332,8 @@ def _expectations(model: onnx.ModelProto, layers: list[dict[str, Any]]) -> list[
             act_on = L["act_quant"][k] if L["kind"] == "split" else L["act_quant"][0]
             exp.append({"node": n.name, "op": op, "layer": L["name"] + (f".part{k}" if want == 2 else ""),
                         "act": [0] if act_on else [], "weight": wkind})
+            if not act_on:  # FP input (mixed-precision plan, conv_in/conv_out, INT4 weight-only): no Q/DQ there
+                exp[-1]["float_act"] = [0]
     return exp
 
 

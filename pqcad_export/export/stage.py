@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import PqcadError
-from .lint import lint_model
+from .lint import PLAN_META, lint_model
 from .onnx import ExportConfig, export_unet
 from .parity import ParityConfig, check_parity
 
@@ -38,6 +38,9 @@ def export_quantized(quantized_dir: str | Path, out_onnx: str | Path, cfg: Optio
     meta = {"bits": q.bits.name, "method": q.method, "steps": q.steps,
             "fingerprint": q.meta.get("fingerprint", ""), "source": str(Path(quantized_dir).resolve()),
             "source_fingerprint": q.meta.get("source_fingerprint") or ""}
+    mp = q.meta.get("mixed_precision")
+    if mp:  # the plan, for `lint` to check the graph against (per-layer table left out: quant.json has it)
+        meta[PLAN_META] = {k: v for k, v in mp.items() if k != "layers"}
     res = export_unet(q.unet, out_onnx, cfg, meta=meta)
     rep = lint_model(out_onnx)
     atomic_write_text(out_onnx.parent / LINT_NAME, json.dumps(rep.to_dict(), indent=2))

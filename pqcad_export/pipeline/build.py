@@ -54,6 +54,9 @@ class BuildConfig:
     relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
     relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
     cond: Optional[str] = None               # conditional UNets: --cond FILE.safetensors (None = labelled default)
+    mixed_precision: str = "auto"            # quant: auto (sensitivity plan, quantize/plan.py) | off
+    fp_budget: Optional[float] = None        # quant: max fraction of MACs with FP inputs (None = default)
+    w8_budget: Optional[float] = None        # quant: max fraction of weights kept at 8 bits (None = default)
 
     def validate(self) -> BitSpec:
         """Every option, before anything is loaded or written (one UsageError line each)."""
@@ -74,8 +77,11 @@ class BuildConfig:
         checks.device(self.device)
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend '{self.backend}': expected one of {', '.join(BACKENDS)}")
-        if self.method not in ("pq", "direct", "bitshrink"):
-            raise UsageError(f"unknown method '{self.method}': expected pq, direct or bitshrink")
+        if self.method not in ("pq", "direct", "bitshrink", "rtn"):
+            raise UsageError(f"unknown method '{self.method}': expected pq, direct, bitshrink or rtn")
+        from ..quantize.plan import plan_overrides
+
+        plan_overrides(self.mixed_precision, self.fp_budget, self.w8_budget)
         if self.student_steps * 2 != self.teacher_steps:
             raise UsageError(f"CAD halves the steps: --student-steps must be --teacher-steps / 2 "
                              f"({self.teacher_steps} / 2), got {self.student_steps}")
@@ -162,6 +168,10 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         qover.setdefault("recon_loss", cfg.recon_loss)
     if cfg.qdrop is not None:
         qover.setdefault("qdrop_prob", cfg.qdrop)
+    from ..quantize.plan import plan_overrides
+
+    for k, v in plan_overrides(cfg.mixed_precision, cfg.fp_budget, cfg.w8_budget).items():
+        qover.setdefault(k, v)  # the plan and its budgets enter the quant stage key via rcfg.fingerprint()
     pcr = {}
     if cfg.calib_strategy == "pcr":  # PCR quantizes between stages: same bits, method and settings as stage 2
         pcr = {"pcr_bits": bits.name, "pcr_method": cfg.method, "pcr_preset": cfg.preset, "pcr_recon": qover}
@@ -328,6 +338,9 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
     student = load_quantized(student_dir, device)
     sched = student.scheduler_config
     ib = _int_weight_bytes(student)
+    from .compare import precision_summary
+
+    ps = precision_summary(student.meta)
     cands = []
     if (engine_dir / "engine.json").is_file():
         info = read_manifest(engine_dir)
@@ -344,7 +357,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
                                precision=_precision_label(bits, info), steps=student.steps,
                                unet=with_cond(eng, cond), model_bytes=size, scheduler_config=sched,
                                executed_on="cuda" if eng.device.type == "cuda" else "cpu",
-                               extra={"int_weight_bytes": ib, "engine_dir": str(engine_dir)},
+                               extra={"int_weight_bytes": ib, "engine_dir": str(engine_dir), **ps},
                                notes=notes))
     if include_torch_student or not cands:
         from ..sampling import TorchUNet
@@ -352,7 +365,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
         cands.append(Candidate(name=f"{bits.name}-pytorch-fakequant", backend="pytorch",
                                precision=f"{bits.name} fake-quant (fp32 kernels)", steps=student.steps,
                                unet=TorchUNet(student.unet, cond), model_bytes=ib, scheduler_config=sched,
-                               executed_on=device.type, extra={"int_weight_bytes": ib}))
+                               executed_on=device.type, extra={"int_weight_bytes": ib, **ps}))
     return cands
 
 

@@ -241,6 +241,7 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             e["status"] = "executed"
             e.update(c.extra)
             e["notes"] = list(c.notes)
+            _precision_nulls(e)
             cand_entries.append(e)
         fid_features = None
         if cfg.no_fid:
@@ -263,6 +264,28 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
     _plot(report, out_dir / "compare.png")
     _samples_png(images, out_dir / "samples.png")
     return report
+
+
+PRECISION_KEYS = ("avg_act_bits", "bops", "int_layers", "float_layers", "fp_mac_fraction")
+
+
+def precision_summary(quant_meta: dict[str, Any]) -> dict[str, Any]:
+    """MAC-weighted average input bits (FP inputs count 16), BOPs per image and integer / float-input layer counts
+    of a quantized model, from its quant.json (the mixed-precision plan's record; counts from its layer specs)."""
+    mp = quant_meta.get("mixed_precision") or {}
+    layers = mp.get("layers") or {n: {"act": f"int{sp['act_bits']}" if sp["act_quant"] else "fp"}
+                                  for n, sp in (quant_meta.get("layers") or {}).items() if sp.get("kind") != "attn"}
+    ints = sum(1 for v in layers.values() if v["act"] != "fp")
+    return {"avg_act_bits": mp.get("avg_act_bits"), "bops": mp.get("bops"), "int_layers": ints,
+            "float_layers": len(layers) - ints, "fp_mac_fraction": mp.get("fp_mac_fraction")}
+
+
+def _precision_nulls(e: dict[str, Any]) -> None:
+    missing = [k for k in PRECISION_KEYS if e.get(k) is None]
+    for k in missing:
+        e[k] = None
+    if missing:
+        e["notes"].append(f"{', '.join(missing)}: null (no quant.json mixed-precision record for this candidate)")
 
 
 def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -16,9 +16,10 @@ from .wrap import attn_processors, quant_layers
 class QuantizedModel:
     unet: nn.Module                      # diffusers UNet whose Conv2d/Linear are Quant* wrappers (frozen)
     bits: BitSpec
-    method: str                          # "direct" | "pq" | "bitshrink"
+    method: str                          # "direct" | "pq" | "bitshrink" | "rtn"
     meta: dict[str, Any] = field(default_factory=dict)   # steps, scheduler_config, unet_config, fingerprint...
     log: dict[str, Any] = field(default_factory=dict)    # per-unit reconstruction log
+    sensitivity: Optional[dict[str, Any]] = None          # sensitivity.py document (mixed precision auto)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:

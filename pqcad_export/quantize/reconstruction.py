@@ -20,6 +20,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -32,9 +33,20 @@ from ..atomic import atomic_write_json as _atomic_write_json
 from ..errors import PqcadError, UsageError
 from .blocks import Unit, call_unet, find_units, first_tensor
 from .model import QuantizedModel
+from .plan import DEFAULT_FP_BUDGET, DEFAULT_W8_BUDGET, MixedPrecision, PlanConfig
 from .wrap import freeze_all, layer_specs, wrap_unet
 
-METHODS = ("direct", "pq", "bitshrink")
+
+class Method(str, Enum):
+    """Weight schedules; `rtn` learns nothing (round-to-nearest + MSE scales, the baseline the floor guards)."""
+
+    DIRECT = "direct"
+    PQ = "pq"
+    BITSHRINK = "bitshrink"
+    RTN = "rtn"
+
+
+METHODS = tuple(m.value for m in Method)
 
 
 @dataclass
@@ -77,6 +89,10 @@ class ReconConfig:
     pq: PQConfig = field(default_factory=PQConfig)
     bitshrink_stages: int = 0   # 0: one stage per bit from tau down to kappa
     curve_unit: Optional[str] = None  # unit whose loss curve is plotted (default: first with a transition)
+    mixed_precision: str = "off"  # "auto": sensitivity-driven plan (plan.py); the CLI's default is auto
+    fp_budget: float = DEFAULT_FP_BUDGET  # max fraction of conv/linear MACs with FP inputs (auto)
+    w8_budget: float = DEFAULT_W8_BUDGET  # max fraction of conv/linear weights kept at 8 bits (auto, K < 8)
+    floor_holdout: float = 0.125  # calibration rows held out per block for the RTN floor (floor.py); 0 = off
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ReconConfig":
@@ -102,6 +118,12 @@ class ReconConfig:
             raise UsageError(f"--fbr-gamma must be >= 0, got {self.fbr_gamma}")
         if not 0.0 <= self.qdrop_prob <= 1.0:
             raise UsageError(f"--qdrop must be in [0, 1], got {self.qdrop_prob}")
+        self.mixed_precision = self.plan_config().mode.value
+        if not 0.0 <= self.floor_holdout < 1.0:
+            raise UsageError(f"floor_holdout must be in [0, 1), got {self.floor_holdout}")
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(self.mixed_precision, self.fp_budget, self.w8_budget)
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,6 +132,9 @@ class ReconConfig:
         if d.get("recon_loss") == "block":  # keep fingerprints of plain block reconstruction unchanged
             d.pop("recon_loss", None)
             d.pop("fbr_gamma", None)
+        if d.get("mixed_precision") == MixedPrecision.OFF.value:  # the plan enters the key only when on
+            for k in ("mixed_precision", "fp_budget", "w8_budget"):
+                d.pop(k, None)
         return d
 
 
@@ -297,6 +322,10 @@ class UnitContext:
         self.sync_every = max(1, int(sync))
         self._task = None
         self._fresh: dict[int, int] = {}  # layers initialised at these bits and not optimised since
+        n_held = int(inputs.n * cfg.floor_holdout) if inputs.n >= 2 else 0
+        perm = torch.randperm(inputs.n, generator=torch.Generator().manual_seed(seed)).to(device)
+        self.held_idx = perm[:n_held].sort().values   # never trained on: the floor's judge (floor.py)
+        self.train_idx = perm[n_held:].sort().values if n_held else torch.arange(inputs.n, device=device)
 
     # -- data -------------------------------------------------------------------------------------------------
     def run(self, idx) -> torch.Tensor:
@@ -311,17 +340,19 @@ class UnitContext:
         return err.sum(1).mean() if err.dim() > 1 else err.mean()
 
     def sample_idx(self) -> torch.Tensor:
-        return torch.randint(0, self.inputs.n, (min(self.cfg.batch_size, self.inputs.n),), device=self.device,
-                             generator=self.gen)
+        n = self.train_idx.numel()
+        return self.train_idx[torch.randint(0, n, (min(self.cfg.batch_size, n),), device=self.device,
+                                            generator=self.gen)]
 
     @torch.no_grad()
-    def perturbation(self) -> float:
-        """Plain output MSE of the unit over all calibration inputs (no Fisher weights, no QDrop)."""
+    def perturbation(self, rows: Optional[torch.Tensor] = None) -> float:
+        """Plain output MSE of the unit over `rows` (default all calibration inputs; no Fisher weights, no QDrop)."""
+        rows = torch.arange(self.inputs.n, device=self.device) if rows is None else rows
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for sl in _slices(self.inputs.n, self.cfg.capture_batch_size):
-            idx = torch.arange(sl.start, sl.stop, device=self.device)
+        for sl in _slices(rows.numel(), self.cfg.capture_batch_size):
+            idx = rows[sl]
             total += (self.run(idx) - self.target[idx]).double().pow(2).sum()
-        return float(total / self.target.numel())
+        return float(total / max(1, rows.numel() * self.target[0].numel()))
 
     # -- weights ----------------------------------------------------------------------------------------------
     def init_weights(self, bits: list[int], mode: str = "soft") -> None:
@@ -401,8 +432,8 @@ class UnitContext:
         for q in qs:
             q.calibrating = True
         try:
-            for sl in _slices(self.inputs.n, self.cfg.capture_batch_size):
-                self.run(torch.arange(sl.start, sl.stop, device=self.device))
+            for sl in _slices(self.train_idx.numel(), self.cfg.capture_batch_size):
+                self.run(self.train_idx[sl])
         finally:
             for q in qs:
                 q.calibrating = False
@@ -478,6 +509,9 @@ def _schedule(method: str) -> Callable[[UnitContext], dict[str, Any]]:
     if method == "bitshrink":
         from .bitshrink import bitshrink_schedule
         return bitshrink_schedule
+    if method == "rtn":
+        from .floor import rtn_schedule
+        return rtn_schedule
     raise UsageError(f"unknown --method '{method}': expected one of {', '.join(METHODS)}")
 
 
@@ -552,14 +586,25 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
         raise PqcadError("a conditional UNet needs 'encoder_hidden_states' in the calibration data")
     fp = fp.to(device).float().eval()
     fp.requires_grad_(False)
+    from .plan import decide_plan, plan_from_specs
+    from .sensitivity import mac_table
+
+    pcfg = cfg.plan_config()
+    sens = None
+    if pcfg.mode is MixedPrecision.AUTO:  # decided before reconstruction, applied when wrapping
+        sens = _sensitivity(fp, calib, bits, cfg, loaded.fingerprint, checkpoint_dir)
+    plan = decide_plan(sens, pcfg, bits.act_bits, bits.quantize_activations)
     qmodel = copy.deepcopy(fp)
-    wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant, cfg.io_act_quant)
+    wrap_unet(qmodel, bits, cfg.first_last_bits, cfg.attn_matmul_quant, cfg.io_act_quant,
+              fp_act=plan.fp_act_layers, w8=plan.w8_layers)
     qmodel.requires_grad_(False)
     units = find_units(fp, _calib_batch(calib, slice(0, 2)))  # same module names; FP avoids lazy inits
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     key = {"bits": bits.name, "method": method, "cfg": cfg.fingerprint(), "model": loaded.fingerprint,
            "calib": calibration_hash(calib), "units": [u.name for u in units]}
+    if pcfg.mode is not MixedPrecision.OFF:
+        key["plan"] = {"fp_act": plan.fp_act_layers, "w8": plan.w8_layers}
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     progress_doc: dict[str, Any] = {"key": key_hash, "done": [], "log": []}
     if ckpt is not None:
@@ -608,7 +653,33 @@ def quantize_model(loaded, calib_batches: Iterable[dict], bits: BitSpec | str = 
             "attn_matmul_quant": cfg.attn_matmul_quant, "io_act_quant": cfg.io_act_quant,
             "layers": layer_specs(qmodel),
             "calibration": {"n": int(calib["sample"].shape[0]), "hash": key["calib"]}}
-    return QuantizedModel(unet=qmodel, bits=bits, method=method, meta=meta, log=log)
+    costs = sens or mac_table(fp, _calib_batch(calib, slice(0, 1)))
+    meta["mixed_precision"] = plan_from_specs(meta["layers"], costs, pcfg, plan).to_dict()
+    floors = [e["name"] for e in logs if e.get("floor_used")]
+    log["floor_used_blocks"] = floors
+    return QuantizedModel(unet=qmodel, bits=bits, method=method, meta=meta, log=log, sensitivity=sens)
+
+
+def _sensitivity(fp, calib, bits: BitSpec, cfg: ReconConfig, model_fp: str, checkpoint_dir) -> dict[str, Any]:
+    """measure_sensitivity, reused from the checkpoint directory when model, data and bits are unchanged."""
+    from .sensitivity import measure_sensitivity
+
+    key = hashlib.sha256(json.dumps([model_fp, calibration_hash(calib), bits.name, cfg.first_last_bits,
+                                     cfg.io_act_quant]).encode()).hexdigest()[:16]
+    f = Path(checkpoint_dir) / "sensitivity.json" if checkpoint_dir else None
+    if f is not None and f.is_file():
+        try:
+            doc = json.loads(f.read_text())
+            if doc.get("key") == key:
+                return doc
+        except json.JSONDecodeError:
+            pass
+    doc = measure_sensitivity(fp, calib, bits, cfg.first_last_bits, cfg.io_act_quant)
+    doc["key"] = key
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(f, doc)
+    return doc
 
 
 def _geomean(xs: list[float]) -> Optional[float]:
@@ -641,6 +712,15 @@ def _reconstruct_unit(qmodel, fp, unit: Unit, calib, cfg: ReconConfig, schedule,
         ctx._task = progress.add_task(f"[{ui + 1}] {unit.name}", total=max(total, 1), loss="-", phase="")
     act_flags = [(q, q.enabled) for m in ctx.layers for q in m.act_quantizers()]
     act_flags += [(q, q.enabled) for p in unit.attn_processors(qmodel) for q in p.act_quantizers()]
+    learns = getattr(schedule, "learns", True)
+    floor = None
+    if ctx.held_idx.numel() and (ctx.layers or has_act):  # RTN + MSE-scale start, judged on held-out rows
+        from .floor import snapshot
+        ctx.init_weights(ctx.final_bits, mode="nearest")  # the learned schedules start from this init too
+        if has_act:
+            ctx.init_act_scales()
+        floor = snapshot(ctx, ctx.act_quantizers())
+        entry["heldout_rtn"] = ctx.perturbation(ctx.held_idx)
     for q, _ in act_flags:
         q.enabled = False
     try:
@@ -658,10 +738,17 @@ def _reconstruct_unit(qmodel, fp, unit: Unit, calib, cfg: ReconConfig, schedule,
     finally:
         for q, en in act_flags:
             q.enabled = en
-    if has_act:
+    if has_act and (learns or floor is None):
         ctx.init_act_scales()
         with torch.enable_grad():
-            ctx.optimize_act_scales(cfg.act_iters)
+            ctx.optimize_act_scales(cfg.act_iters if learns else 0)
+    if floor is not None:
+        entry["heldout_learned"] = ctx.perturbation(ctx.held_idx)
+        entry["floor_used"] = bool(entry["heldout_learned"] > entry["heldout_rtn"])
+        if entry["floor_used"]:  # learning lost to its own starting point: keep the start
+            from .floor import restore
+            restore(ctx, floor, ctx.act_quantizers())
+        entry["heldout_final"] = ctx.perturbation(ctx.held_idx)
     entry["pert"] = ctx.perturbation()
     if not math.isfinite(entry["pert"]):
         raise PqcadError(f"non-finite output of block {unit.name}"

@@ -22,6 +22,7 @@ VERSION = 1
 WEIGHTS = "quantized.safetensors"
 META = "quant.json"
 LOG = "quant_log.json"
+SENSITIVITY = "sensitivity.json"
 
 
 def _file_hash(path: Path) -> str:
@@ -54,6 +55,11 @@ def save_quantized(model: QuantizedModel, out_dir: str | Path, meta: Optional[di
     atomic_save_tensors(out / WEIGHTS, state, metadata={"format": FORMAT, "version": str(VERSION)})
     full.update({"format": FORMAT, "version": VERSION, "fingerprint": _file_hash(out / WEIGHTS)})
     atomic_write_json(out / LOG, model.log or {})
+    if model.sensitivity:  # mixed precision auto: the measurement the plan was chosen from
+        from .sensitivity import plot_sensitivity
+
+        atomic_write_json(out / SENSITIVITY, model.sensitivity)
+        plot_sensitivity(model.sensitivity, out / "sensitivity.png")
     atomic_write_json(out / META, full)
     model.meta = full
     return out

@@ -7,7 +7,7 @@ quantizing these two inputs at 8 bits made the W8A8 sample error 2.2x larger (do
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -50,13 +50,17 @@ def split_points(unet: nn.Module) -> dict[str, int]:
 
 
 def wrap_unet(unet: nn.Module, bits: BitSpec, first_last_bits: Optional[int] = 8,
-              attn_matmul_quant: bool = False, io_act_quant: bool = False) -> dict[str, dict]:
-    """Quantize-wrap every Conv2d / Linear in place; returns {module name: spec} (see layers.spec())."""
+              attn_matmul_quant: bool = False, io_act_quant: bool = False,
+              fp_act: Iterable[str] = (), w8: Iterable[str] = ()) -> dict[str, dict]:
+    """Quantize-wrap every Conv2d / Linear in place; returns {module name: spec} (see layers.spec()).
+    A mixed-precision plan (plan.py) names layers whose inputs stay FP (`fp_act`) or whose weights stay 8-bit (`w8`)."""
     splits = split_points(unet)
+    fp_act, w8 = set(fp_act), set(w8)
     targets = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     for name, mod in targets:
         wb = first_last_bits if (name in FIRST_LAST and first_last_bits) else bits.weight_bits
-        act_on = bits.quantize_activations and (io_act_quant or name not in FIRST_LAST)
+        wb = 8 if name in w8 else wb
+        act_on = bits.quantize_activations and (io_act_quant or name not in FIRST_LAST) and name not in fp_act
         if isinstance(mod, nn.Conv2d):
             new = SplitQuantConv2d(mod, splits[name], wb, bits.act_bits, act_on) if name in splits \
                 else QuantConv2d(mod, wb, bits.act_bits, act_on)
