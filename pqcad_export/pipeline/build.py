@@ -50,6 +50,7 @@ class BuildConfig:
     qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
     relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
     relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
+    ref_images: Optional[str] = None         # compare: data images for fid/kid (None: the shipped statistics)
 
     def validate(self) -> BitSpec:
         bits = parse_bits(self.bits)
@@ -229,7 +230,7 @@ def run_build(cfg: BuildConfig) -> dict[str, Any]:
     # 6. compare against the FP32 100-step teacher
     ccmp = CompareConfig.preset(cfg.preset, seed=cfg.seed, device=cfg.device, samples=cfg.samples,
                                 batch_size=cfg.compare_batch, latency_batch=cfg.latency_batch,
-                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
+                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid, ref_images=cfg.ref_images)
 
     def do_report():
         cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device)
