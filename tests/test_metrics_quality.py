@@ -170,3 +170,19 @@ def test_shipped_statistics_load_and_match_a_recomputation():
     size = sum(p.stat().st_size for p in BUILTIN_DIR.iterdir())
     assert size <= 10 * 1024 * 1024
     check_against_recomputation(rs, read_ref_images("fashion-mnist", 32, 1), n=3)
+
+
+def test_low_rank_fid_equals_the_sqrtm_formula():
+    from pqcad_export.metrics.fid import _fid_lowrank, feature_stats, fid_features_vs_stats, frechet_distance
+
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(30, 20)), g.normal(0.3, 1.2, size=(50, 20))
+    (m1, s1), (m2, s2) = feature_stats(a), feature_stats(b)
+    assert _fid_lowrank(a, m1, m2, s2) == pytest.approx(frechet_distance(m1, s1, m2, s2), rel=1e-6)
+    assert fid_features_vs_stats(a, m2, s2) == pytest.approx(frechet_distance(m1, s1, m2, s2), rel=1e-6)
+    few = a[:8]  # N < D: the eigenproblem path; scipy's sqrtm of the singular product agrees here
+    fm, fs = feature_stats(few)
+    assert fid_features_vs_stats(few, m2, s2) == pytest.approx(frechet_distance(fm, fs, m2, s2), rel=1e-4)
+    assert fid_features_vs_stats(b[:10], m2, s2) < fid_features_vs_stats(b[:10] + 1.0, m2, s2)
+    with pytest.raises(PqcadError, match="do not match"):
+        fid_features_vs_stats(few, m2[:5], s2)

@@ -115,8 +115,9 @@ def _unpack_sigma(diag: np.ndarray, upper: np.ndarray) -> np.ndarray:
 
 def storage_fid_error(rs: RefStats, sigma_dtype: str) -> Optional[float]:
     """|FID(subset, stored) - FID(subset, exact)|: what the reduced-precision sigma costs, measured on the
-    subset features as the 'samples' (None without a subset of >= 2 rows)."""
-    if rs.features is None or rs.features.shape[0] < 2:
+    subset features as the 'samples'. None without a subset of >= 2 rows, or when sigma is singular (fewer
+    images than feature dimensions: the number would measure sqrtm's eps fallback, and take minutes on a CPU)."""
+    if rs.features is None or rs.features.shape[0] < 2 or rs.count <= rs.mu.shape[0]:
         return None
     sub = feature_stats(rs.features)
     stored = _unpack_sigma(*_pack_sigma(rs.sigma, sigma_dtype))

@@ -239,7 +239,8 @@ def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:
 
 def _score(cfg: CompareConfig, images: dict[str, torch.Tensor], reference: dict, cands: list[dict],
            notes: list[str], bar: _Bar, teacher: LoadedModel) -> tuple[Optional[str], Optional[dict]]:
-    from ..metrics import InceptionFeatures, feature_stats, fid_from_stats
+    from ..metrics import InceptionFeatures, feature_stats
+    from ..metrics.fid import fid_features_vs_stats
     from ..model_io import DEFAULT_MODEL_DIR
     from .quality import resolve_reference, score_quality
 
@@ -261,10 +262,10 @@ def _score(cfg: CompareConfig, images: dict[str, torch.Tensor], reference: dict,
         notes.append(f"fid/fid_to_fp32 use {cfg.samples} samples per model (< 2048 feature dims): the values are "
                      "biased upwards and only comparable between entries of this report")
     if ref_stats is not None:
-        reference["fid"] = round(fid_from_stats(stats["reference"], ref_stats), 4)
+        reference["fid"] = round(fid_features_vs_stats(feats["reference"], *ref_stats), 4)
     reference["fid_to_fp32"] = 0.0
     for e in cands:
-        e["fid_to_fp32"] = round(fid_from_stats(stats[e["name"]], stats["reference"]), 4)
+        e["fid_to_fp32"] = round(fid_features_vs_stats(feats[e["name"]], *stats["reference"]), 4)
         if ref_stats is not None:
-            e["fid"] = round(fid_from_stats(stats[e["name"]], ref_stats), 4)
+            e["fid"] = round(fid_features_vs_stats(feats[e["name"]], *ref_stats), 4)
     return ext.id, score_quality(feats, images, reference, cands, ref, notes, cfg.seed)
