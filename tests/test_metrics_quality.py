@@ -151,6 +151,7 @@ def test_refstats_cli_on_a_small_cpu_subset(tmp_path):
     rs = load_refstats(out)
     side = rs.meta
     assert side["count"] == 10 and side["subset"] == 6 and side["images"] == 10
+    assert side["storage_fid_error"] is not None and side["storage_fid_error"] < 1e-2
     assert side["command"].startswith("pqcad-export refstats --images fashion-mnist")
     assert rs.features.shape == (6, 2048) and rs.sigma.shape == (2048, 2048)
     imgs = read_ref_images("fashion-mnist", 32, 1)[:10]

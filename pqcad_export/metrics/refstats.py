@@ -27,7 +27,7 @@ import numpy as np
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import PqcadError
 from ._progress import ProgressArg
-from .fid import feature_stats, fid_from_stats
+from .fid import feature_stats, fid_features_vs_stats
 from .inception import FeatureExtractor, ImagesLike, as_uint8_nchw, extract_features
 
 FORMAT = "pqcad-refstats/1"
@@ -115,13 +115,11 @@ def _unpack_sigma(diag: np.ndarray, upper: np.ndarray) -> np.ndarray:
 
 def storage_fid_error(rs: RefStats, sigma_dtype: str) -> Optional[float]:
     """|FID(subset, stored) - FID(subset, exact)|: what the reduced-precision sigma costs, measured on the
-    subset features as the 'samples'. None without a subset of >= 2 rows, or when sigma is singular (fewer
-    images than feature dimensions: the number would measure sqrtm's eps fallback, and take minutes on a CPU)."""
-    if rs.features is None or rs.features.shape[0] < 2 or rs.count <= rs.mu.shape[0]:
+    subset features as the 'samples' (None without a subset of >= 2 rows)."""
+    if rs.features is None or rs.features.shape[0] < 2:
         return None
-    sub = feature_stats(rs.features)
     stored = _unpack_sigma(*_pack_sigma(rs.sigma, sigma_dtype))
-    return abs(fid_from_stats(sub, (rs.mu, stored)) - fid_from_stats(sub, rs.stats))
+    return abs(fid_features_vs_stats(rs.features, rs.mu, stored) - fid_features_vs_stats(rs.features, *rs.stats))
 
 
 def save_refstats(rs: RefStats, out_dir: PathLike, command: str, sigma_dtype: str = "float16",

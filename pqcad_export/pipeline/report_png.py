@@ -47,7 +47,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("FID to FP32 100-step")
     axes[1].set_title(f"quality ({report.get('samples')} samples)", fontsize=9)
     for ax in axes[:2]:
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, rotation=25)
     _speed_quality(axes[2], report, rows, colors)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -80,7 +80,8 @@ def _speed_quality(ax, report: dict[str, Any], rows, colors: dict[str, str]) -> 
                       ("fp-reference", "FP reference")):
         if any(k == kind for k, _ in rows):
             ax.scatter([], [], color=colors[kind], label=lab)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best")
+    ax.margins(x=0.2, y=0.1)
     ax.grid(alpha=0.3)
     if missing:
         ax.text(0.01, 0.01, "not scored: " + ", ".join(missing)[:80], transform=ax.transAxes, fontsize=7)
