@@ -211,3 +211,19 @@ def test_resolve_reference_order(tmp_path, monkeypatch):
     assert quality.resolve_reference(cfg, ext_a, False, (1, 32, 32), notes) is None and "--ref-images" in notes[0]
     cfg.ref_stats = str(tmp_path / "asset")
     assert quality.resolve_reference(cfg, ext_a, False, (1, 32, 32), []).count == 300
+
+
+def test_paired_kid_is_unbiased_where_the_unpaired_estimator_is_not():
+    """Same marginal distribution, rows correlated as a candidate and FP32 from the same noise: true KID is 0."""
+    from pqcad_export.metrics.kid import kid_paired
+
+    g = np.random.default_rng(0)
+    z = g.normal(size=(200, 32))
+    y = 0.95 * z + np.sqrt(1 - 0.95 ** 2) * g.normal(size=z.shape)
+    unpaired = kid_from_features(z, y, subsets=50, subset_size=100)
+    paired = kid_paired(y, z, subsets=50, subset_size=100)
+    assert unpaired.kid < -3 * unpaired.kid_std  # matched pairs in the cross term pull it below zero
+    assert abs(paired.kid) < 3 * paired.kid_std + 1e-4
+    assert kid_paired(y + 0.5, z, subsets=50, subset_size=100).kid > 10 * (abs(paired.kid) + paired.kid_std)
+    with pytest.raises(PqcadError, match="same shape"):
+        kid_paired(z[:10], z)

@@ -8,6 +8,11 @@ The computation is torchmetrics' KernelInceptionDistance fed with the project's 
 (an identity "feature extractor"), so FID and KID come from the same 2048-d vectors. Subsets are drawn from a
 seeded generator inside a forked RNG: the same features always give the same KID, and the global RNG is untouched.
 torchmetrics is imported lazily: the metrics package stays importable where it is not installed (GPU machine).
+
+Paired sets (a candidate's images and the FP32 images from the same noise: kid_to_fp32) break the independence the
+usual estimator assumes: its cross term includes k(x_i, y_i) of matched pairs, which are close by construction,
+so the estimate drifts below zero. kid_paired draws the same rows from both sets and leaves the i = j terms out
+of all three sums (the complete U-statistic MMD^2_u of Gretton et al. 2012), which is unbiased for paired data.
 """
 
 from __future__ import annotations
@@ -66,3 +71,28 @@ def kid_from_features(real, fake, subsets: int = DEFAULT_SUBSETS, subset_size: O
         torch.manual_seed(int(seed))
         mean, std = metric.compute()
     return KidResult(float(mean), float(std), m, int(subsets))
+
+
+def kid_paired(a, b, subsets: int = DEFAULT_SUBSETS, subset_size: Optional[int] = None, seed: int = 0) -> KidResult:
+    """KID of two paired feature sets (row i of `a` and of `b` from the same noise): the same rows from both in
+    each subset, and no i = j terms (see the module doc). Same kernel and defaults as kid_from_features."""
+    try:
+        from torchmetrics.image.kid import poly_kernel
+    except ImportError:
+        raise PqcadError("KID needs torchmetrics (pip install 'torchmetrics>=1.4,<2')") from None
+    x, y = _as_tensor(a, "first"), _as_tensor(b, "second")
+    if x.shape != y.shape:
+        raise PqcadError(f"paired KID needs sets of the same shape (same noise), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    m = min(DEFAULT_SUBSET_SIZE if subset_size is None else int(subset_size), x.shape[0])
+    if m < 2 or int(subsets) < 1:
+        raise PqcadError(f"paired KID needs subsets >= 1 of at least 2 rows, got {subsets} of {m}")
+    g = torch.Generator().manual_seed(int(seed))
+    vals = []
+    for _ in range(int(subsets)):
+        idx = torch.randperm(x.shape[0], generator=g)[:m]
+        xs, ys = x[idx], y[idx]
+        k = poly_kernel(xs, xs) + poly_kernel(ys, ys) - poly_kernel(xs, ys) - poly_kernel(ys, xs)
+        vals.append((k.sum() - torch.diagonal(k).sum()) / (m * (m - 1)))
+    v = torch.stack(vals)
+    return KidResult(float(v.mean()), float(v.std(unbiased=False)), m, int(subsets))

@@ -91,10 +91,11 @@ def score_quality(feats: dict[str, np.ndarray], images: dict, reference: dict[st
                   ref: Optional[RefStats], notes: list[str], seed: int) -> dict[str, Any]:
     """Fill kid, kid_std, kid_to_fp32(_std), psnr_to_fp32, ssim_to_fp32, mse_to_fp32 (and the per-pair MSE used
     by the sample grid); returns the report's top-level `quality` description."""
-    from ..metrics.kid import kid_from_features
+    from ..metrics.kid import kid_from_features, kid_paired
     from ..metrics.paired import paired_metrics
 
     info: dict[str, Any] = {"kid_subsets": KID_SUBSETS, "kid_kernel": "polynomial (x.y/d + 1)^3, unbiased MMD^2",
+                            "kid_to_fp32": "paired estimator: same rows of both sets, matched pairs left out",
                             "paired": "PSNR (dB, mean over pairs, peak 1) and SSIM (11x11 Gaussian) of each image "
                                       "vs the FP32 100-step image from the same noise"}
     data = ref.features if ref is not None else None
@@ -115,7 +116,7 @@ def score_quality(feats: dict[str, np.ndarray], images: dict, reference: dict[st
             if data is not None:
                 k = kid_from_features(data, f, KID_SUBSETS, _subset(data, f), seed)
                 e["kid"], e["kid_std"] = _r(k.kid), _r(k.kid_std)
-            k = kid_from_features(fp, f, KID_SUBSETS, _subset(fp, f), seed)
+            k = kid_paired(f, fp, KID_SUBSETS, _subset(fp, f), seed)  # same noise: paired estimator
             e["kid_to_fp32"], e["kid_to_fp32_std"] = _r(k.kid), _r(k.kid_std)
             info["kid_subset_size"] = k.subset_size
             p = paired_metrics(images[e["name"]], images["reference"])

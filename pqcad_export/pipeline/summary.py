@@ -31,7 +31,7 @@ def _kid(v: Any, std: Any) -> str:
 
 
 def _speedup(v: Any) -> str:
-    return f" ({v:.2f}× faster)" if isinstance(v, (int, float)) and v else ""
+    return f" ({v:.2f}× FP32's speed)" if isinstance(v, (int, float)) and v else ""
 
 
 def entry_lines(kind: str, e: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]]:
