@@ -41,6 +41,12 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--latency-batch", default=None, type=int, help="compare: batch of the latency runs (default 1)")
 @click.option("--include-torch-student", is_flag=True, help="compare: also the PyTorch fake-quant student")
 @click.option("--no-fid", is_flag=True, help="compare: latency only (no Inception features)")
+@click.option("--ref-images", default=None, type=click.Path(),
+              help="compare: data images for fid/kid (folder, .npy/.npz, or 'fashion-mnist'), cached by content; "
+                   "the built-in teacher ships its own statistics")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC>=X|METRIC<=X",
+              help="quality gate on the candidate's compare.json metric, repeatable (e.g. --gate "
+                   "\"psnr_to_fp32>=30\" --gate \"kid_to_fp32<=0.002\"); a missed gate exits 3")
 @click.option("--recon-loss", default="block", show_default=True, type=click.Choice(["block", "fbr"]),
               help="quant: block (BRECQ) or fbr (EDA-DM: + gamma * layer-wise losses)")
 @click.option("--qdrop", default=None, type=float, help="quant: QDrop probability P during LSQ")
@@ -63,16 +69,24 @@ from ..cli import MODEL_HELP, friendly, main
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_teacher, teacher_steps, student_steps,
           backend, device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet,
           recon_loss="block", qdrop=None, relax_frac=None, relax_where="x0", quant_iters=None, act_iters=None,
-          distill_iters=None, cond=None, mixed_precision="auto", fp_budget=None, w8_budget=None):
+          distill_iters=None, cond=None, mixed_precision="auto", fp_budget=None, w8_budget=None,
+          ref_images=None, gates=()):
     """Calibrate -> quantize (PQ) -> distill (CAD) -> export QDQ ONNX (+ lint, parity) -> engine -> compare.
 
     Everything lands in one run directory (run.json, calib/, quant/, student/, export/, engine/, report/).
     Rerunning the same command skips finished stages; an interrupted stage resumes from its checkpoint.
+
+    Exit codes: 0 success, 1 a failure explained in one line, 2 bad usage, 3 a --gate was missed (the report is
+    written first and records each gate's outcome in compare.json).
     """
+    from pathlib import Path
+
     from ..bits import parse_bits
     from ..pipeline.build import BuildConfig, budget_overrides, run_build
+    from ..pipeline.gate import apply_gates, parse_gates, raise_if_failed
     from ..pipeline.summary import print_summary
 
+    gate_list = parse_gates(gates, no_fid=no_fid)  # malformed / unknown gates: exit 2 before any work
     spec = parse_bits(bits)  # fail on a bad --bits before anything is created
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
                       preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
@@ -82,5 +96,12 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_
                       include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
                       recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
                       overrides=budget_overrides(quant_iters, act_iters, distill_iters), cond=cond,
-                      mixed_precision=mixed_precision, fp_budget=fp_budget, w8_budget=w8_budget)
-    print_summary(run_build(cfg))
+                      mixed_precision=mixed_precision, fp_budget=fp_budget, w8_budget=w8_budget,
+                      ref_images=ref_images)
+    summary = run_build(cfg)
+    if gate_list:
+        summary["compare"] = apply_gates(Path(summary["run"]) / "report" / "compare.json", gate_list)
+    print_summary(summary)
+    line = raise_if_failed(summary.get("compare"))  # GateFailed: exit 3 with the one-line verdict
+    if line:
+        click.echo(line)

@@ -21,7 +21,14 @@ from ..cli import friendly, main
 @click.option("--teacher-steps", default=100, show_default=True)
 @click.option("--out", default=None, type=click.Path(), help="report directory (default: RUN/report or ./report)")
 @click.option("--include-torch-student", is_flag=True, help="with --run: also the PyTorch fake-quant student")
-@click.option("--ref-stats", default=None, type=click.Path(), help=".npz (mu, sigma) of the dataset for FID")
+@click.option("--ref-stats", default=None, type=click.Path(),
+              help="data statistics for fid/kid: a refstats folder, or an .npz with mu, sigma[, features]")
+@click.option("--ref-images", default=None, type=click.Path(),
+              help="data images for fid/kid (folder, .npy/.npz array, or 'fashion-mnist'); statistics are computed "
+                   "once and cached by content (the built-in teacher ships its own)")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC>=X|METRIC<=X",
+              help="quality gate on the candidate's compare.json metric, repeatable, e.g. \"psnr_to_fp32>=30\"; "
+                   "a missed gate exits 3 after the report is written")
 @click.option("--fid-weights", default=None, type=click.Path(), help="TF-Inception default_1.pt")
 @click.option("--no-fid", is_flag=True, help="latency only")
 @click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]))
@@ -33,9 +40,13 @@ from ..cli import friendly, main
                    "with; default: seeded N(0,1) embeddings (labelled). With --run: the run's own conditioning")
 @friendly
 def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batch, teacher_steps, out, include_torch_student,
-            ref_stats, fid_weights, no_fid, preset, device, seed, quiet, cond=None):
-    """Measure unet_ms_per_call, ms_per_image, FID and FID-to-FP32 of a run's engine (or ENGINE + MODEL) against
-    the FP32 teacher with 100 DDIM steps; writes compare.json, compare.png and samples.png."""
+            ref_stats, fid_weights, no_fid, preset, device, seed, quiet, cond=None, ref_images=None, gates=()):
+    """Measure unet_ms_per_call, ms_per_image, FID, KID and FID/KID/PSNR/SSIM-to-FP32 of a run's engine (or
+    ENGINE + MODEL) against the FP32 teacher with 100 DDIM steps; writes compare.json, compare.png and samples.png.
+
+    Exit codes: 0 success, 1 a failure explained in one line, 2 bad usage, 3 a --gate was missed (the report is
+    written first and records each gate's outcome).
+    """
     import json
 
     import torch
@@ -45,7 +56,9 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
     from ..pipeline.build import run_candidates
     from ..pipeline.compare import Candidate, CompareConfig, run_compare
     from ..pipeline.summary import print_summary
+    from ..pipeline.gate import apply_gates, parse_gates, raise_if_failed
 
+    gate_list = parse_gates(gates, no_fid=no_fid)  # malformed / unknown gates: exit 2 before any work
     if bool(run_dir) == bool(engine_dir):
         raise UsageError("give either --run DIR or --engine DIR (with --model DIR)")
     from .. import checks
@@ -56,14 +69,15 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
     if out:
         checks.writable_dir(out)
     checks.device(device)
-    for flag, f in (("--ref-stats", ref_stats), ("--fid-weights", fid_weights)):
-        if f and not Path(f).is_file():
-            raise UsageError(f"{flag} {f}: no such file")
+    for flag, f in (("--ref-stats", ref_stats), ("--fid-weights", fid_weights), ("--ref-images", ref_images)):
+        if f and f != "fashion-mnist" and not Path(f).exists():  # --ref-stats may be a refstats folder
+            raise UsageError(f"{flag} {f}: no such file or folder")
     if run_dir and cond:
         raise UsageError("--cond goes with --engine; a run uses the conditioning it was built with")
     cfg = CompareConfig.preset(preset, samples=samples, batch_size=batch_size, latency_batch=latency_batch,
                                teacher_steps=teacher_steps,
-                               device=device, seed=seed, ref_stats=ref_stats, fid_weights=fid_weights, no_fid=no_fid)
+                               device=device, seed=seed, ref_stats=ref_stats, fid_weights=fid_weights, no_fid=no_fid,
+                               ref_images=ref_images)
     if run_dir:
         rj = Path(run_dir) / "run.json"
         if not rj.is_file():
@@ -108,4 +122,8 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
                            executed_on=eng.device.type, notes=list(eng.info.notes) + notes)]
         out = out or "report"
     rep = run_compare(teacher, cands, out, cfg, quiet=quiet)
+    rep = apply_gates(Path(out) / "compare.json", gate_list) or rep
     print_summary({"run": run_dir or engine_dir, "stages": [], "compare": rep, "report_dir": out})
+    line = raise_if_failed(rep)  # GateFailed: exit 3 with the one-line verdict
+    if line:
+        click.echo(line)

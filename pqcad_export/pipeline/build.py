@@ -57,6 +57,7 @@ class BuildConfig:
     mixed_precision: str = "auto"            # quant: auto (sensitivity plan, quantize/plan.py) | off
     fp_budget: Optional[float] = None        # quant: max fraction of MACs with FP inputs (None = default)
     w8_budget: Optional[float] = None        # quant: max fraction of weights kept at 8 bits (None = default)
+    ref_images: Optional[str] = None         # compare: data images for fid/kid (None: the shipped statistics)
 
     def validate(self) -> BitSpec:
         """Every option, before anything is loaded or written (one UsageError line each)."""
@@ -285,7 +286,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
     # 6. compare against the FP32 100-step teacher
     ccmp = CompareConfig.preset(cfg.preset, seed=cfg.seed, device=cfg.device, samples=cfg.samples,
                                 batch_size=cfg.compare_batch, latency_batch=cfg.latency_batch,
-                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid)
+                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid, ref_images=cfg.ref_images)
 
     def do_report():
         cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device, cond)

@@ -33,7 +33,8 @@ class CompareConfig:
     teacher_steps: int = 100
     eta: float = 0.0
     device: str = "cpu"
-    ref_stats: Optional[str] = None      # .npz with mu/sigma of the dataset (else looked up in the FID cache)
+    ref_stats: Optional[str] = None      # refstats folder or .npz with mu/sigma[/features] of the data set
+    ref_images: Optional[str] = None     # data images (folder / .npy / .npz): statistics computed once, cached
     fid_weights: Optional[str] = None    # TF-Inception default_1.pt (else $PQCAD_FID_WEIGHTS / installed package)
     no_fid: bool = False                 # skip all Inception work (latency only)
 
@@ -121,7 +122,8 @@ def _entry(name: str, backend: str, precision: str, steps: int, unet_ms: Optiona
     return {"name": name, "backend": backend, "precision": precision, "steps": steps,
             "unet_ms_per_call": None if unet_ms is None else round(unet_ms, 4),
             "ms_per_image": None if ms_img is None else round(ms_img, 4),
-            "fid": None, "fid_to_fp32": None, "model_bytes": model_bytes}
+            "fid": None, "fid_to_fp32": None, "kid": None, "kid_std": None, "kid_to_fp32": None,
+            "psnr_to_fp32": None, "ssim_to_fp32": None, "model_bytes": model_bytes}
 
 
 class _Bar:
@@ -148,33 +150,6 @@ class _Bar:
     def __exit__(self, *exc):
         if self.prog is not None:
             self.prog.stop()
-
-
-def _load_ref_stats(cfg: CompareConfig, extractor, notes: list[str]):
-    """Dataset statistics for FID-vs-data: an explicit file, else the cache (never computed here: 60k images)."""
-    from ..metrics.reference import content_key, default_cache_dir
-
-    if cfg.ref_stats:
-        p = Path(cfg.ref_stats)
-        if not p.is_file():
-            raise PqcadError(f"--ref-stats file not found: {p}")
-        d = np.load(p)
-        return d["mu"], d["sigma"]
-    try:
-        from ..data import load_images
-
-        imgs = load_images(None, size=32, channels=1)
-        path = default_cache_dir() / f"ref-{content_key(imgs, extractor.id)[:32]}.npz"
-    except PqcadError as exc:
-        notes.append(f"fid: no reference dataset ({exc})")
-        return None
-    if path.is_file():
-        d = np.load(path)
-        return d["mu"], d["sigma"]
-    notes.append("fid: reference statistics of the Fashion-MNIST training set are not cached for this feature "
-                 f"extractor ({extractor.id}); computing them takes hours on a CPU: run tools/teacher_fid.py once "
-                 "(GPU) or pass --ref-stats FILE.npz")
-    return None
 
 
 def check_engine_model(info, teacher: LoadedModel, engine_dir) -> list[str]:
@@ -243,13 +218,15 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             e["notes"] = list(c.notes)
             _precision_nulls(e)
             cand_entries.append(e)
-        fid_features = None
+        fid_features, quality = None, None
         if cfg.no_fid:
-            notes.append("fid, fid_to_fp32: skipped (--no-fid)")
+            notes.append("fid, fid_to_fp32, kid, psnr/ssim_to_fp32: skipped (--no-fid)")
         elif shape[0] not in (1, 3):  # e.g. a latent-diffusion UNet: its samples need a VAE to become images
-            notes.append(f"fid, fid_to_fp32: skipped: the UNet samples {shape[0]}-channel latents, not images")
+            notes.append(f"fid, fid_to_fp32, kid, psnr/ssim_to_fp32: skipped: the UNet samples {shape[0]}-channel "
+                         "latents, not images")
         else:
-            fid_features = _score(cfg, images, reference, cand_entries, notes, bar)
+            fid_features, quality = _score(cfg, images, reference, cand_entries, notes, bar, teacher)
+    pair_mse = {e["name"]: e.pop("_pair_mse") for e in cand_entries if "_pair_mse" in e}
     report = {
         "reference": reference, "candidates": cand_entries, "samples": cfg.samples,
         "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
@@ -259,10 +236,14 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         f"batch {lb} after one warm-up run, divided by {lb}",
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if quality is not None:
+        report["quality"] = quality
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "compare.json", report)
-    _plot(report, out_dir / "compare.png")
-    _samples_png(images, out_dir / "samples.png")
+    from .report_png import plot_report, samples_png
+
+    plot_report(report, out_dir / "compare.png")
+    samples_png(images, out_dir / "samples.png", pair_mse)
     return report
 
 
@@ -297,73 +278,34 @@ def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:
 
 
 def _score(cfg: CompareConfig, images: dict[str, torch.Tensor], reference: dict, cands: list[dict],
-           notes: list[str], bar: _Bar) -> Optional[str]:
-    from ..metrics import InceptionFeatures, feature_stats, fid_from_stats
+           notes: list[str], bar: _Bar, teacher: LoadedModel) -> tuple[Optional[str], Optional[dict]]:
+    from ..metrics import InceptionFeatures, feature_stats
+    from ..metrics.fid import fid_features_vs_stats
+    from ..model_io import DEFAULT_MODEL_DIR
+    from .quality import resolve_reference, score_quality
 
     try:
         ext = InceptionFeatures(cfg.fid_weights, device=cfg.device)
     except PqcadError as exc:
-        notes.append(f"fid, fid_to_fp32: no feature extractor ({exc})")
-        return None
+        notes.append(f"fid, fid_to_fp32, kid: no feature extractor ({exc})")
+        return None, None
     feats = {}
     for name, imgs in images.items():
         adv = bar.task(f"Inception features ({name})", imgs.shape[0])
         feats[name] = ext.features(imgs, progress=False)
         adv(imgs.shape[0])
-    ref_stats = _load_ref_stats(cfg, ext, notes)
+    builtin = Path(teacher.path).resolve() == DEFAULT_MODEL_DIR.resolve()
+    ref = resolve_reference(cfg, ext, builtin, teacher.sample_shape, notes, progress=not bar.quiet)
+    ref_stats = ref.stats if ref is not None else None
     stats = {k: feature_stats(v) for k, v in feats.items()}
     if cfg.samples < 2048:
         notes.append(f"fid/fid_to_fp32 use {cfg.samples} samples per model (< 2048 feature dims): the values are "
                      "biased upwards and only comparable between entries of this report")
     if ref_stats is not None:
-        reference["fid"] = round(fid_from_stats(stats["reference"], ref_stats), 4)
+        reference["fid"] = round(fid_features_vs_stats(feats["reference"], *ref_stats), 4)
     reference["fid_to_fp32"] = 0.0
     for e in cands:
-        e["fid_to_fp32"] = round(fid_from_stats(stats[e["name"]], stats["reference"]), 4)
+        e["fid_to_fp32"] = round(fid_features_vs_stats(feats[e["name"]], *stats["reference"]), 4)
         if ref_stats is not None:
-            e["fid"] = round(fid_from_stats(stats[e["name"]], ref_stats), 4)
-    return ext.id
-
-
-def _plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [report["reference"], *report["candidates"]]
-    names = [f"{r['name']}\n{r['steps']} steps" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].bar(names, [r["ms_per_image"] or 0 for r in rows], color="#4c72b0")
-    axes[0].set_ylabel("ms per image")
-    axes[0].set_title(f"latency ({report['device'][:40]})", fontsize=9)
-    vals = [r["fid_to_fp32"] if r["fid_to_fp32"] is not None else 0 for r in rows]
-    axes[1].bar(names, vals, color="#dd8452")
-    axes[1].set_ylabel("FID to FP32 100-step")
-    axes[1].set_title(f"quality ({report['samples']} samples)", fontsize=9)
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
-def _samples_png(images: dict[str, torch.Tensor], path: Path, n: int = 16) -> None:
-    """One row per model, same initial noise in each column: FP32 100-step first."""
-    from PIL import Image, ImageDraw
-
-    rows = list(images.items())
-    n = min(n, rows[0][1].shape[0])
-    c, h, w = rows[0][1].shape[1:]
-    label_w, pad = 130, 2
-    canvas = Image.new("L", (label_w + n * (w + pad), len(rows) * (h + pad)), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, imgs) in enumerate(rows):
-        y = r * (h + pad)
-        draw.text((4, y + h // 2 - 5), "FP32 100-step" if name == "reference" else name[:20], fill=0)
-        for i in range(n):
-            arr = imgs[i].numpy()
-            tile = Image.fromarray(arr[0] if c == 1 else arr.mean(0).astype(np.uint8))
-            canvas.paste(tile, (label_w + i * (w + pad), y))
-    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+            e["fid"] = round(fid_features_vs_stats(feats[e["name"]], *ref_stats), 4)
+    return ext.id, score_quality(feats, images, reference, cands, ref, notes, cfg.seed)
