@@ -355,6 +355,9 @@ def to_cpu_int8(model: onnx.ModelProto, cfg: Optional[OrtConfig] = None,
         raise ValueError(f"u8_weights must be auto, yes or no, got {cfg.u8_weights!r}")
     if cfg.u8_weights == "yes" or (cfg.u8_weights == "auto" and x86_without_vnni()):
         stats["u8_weights"] = _u8_weights(m)
+    from pqcad_export.export.graph_cost import remove_dead_initializers
+
+    remove_dead_initializers(m)  # the int8 zero points the u8 rewrite replaced (ORT warned about each)
     return m, stats
 
 

@@ -18,7 +18,7 @@ from ..model_io import LoadedModel, load_model
 from .compare import Candidate, CompareConfig, run_compare
 from .run_dir import RunDir, stage_key
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+from engines import BACKENDS  # noqa: E402  (one list: engines.Backend)
 
 
 @dataclass
@@ -304,7 +304,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
 
 
 def _precision_label(bits: BitSpec, info) -> str:
-    kern = "int8 kernels" if info.backend in ("onnxruntime", "tensorrt") else info.backend
+    kern = "int8 kernels" if info.backend in ("onnxruntime", "tensorrt", "openvino") else info.backend
     grid = f"{bits.weight_bits}-bit weight grid" if bits.weight_bits != 8 else "int8 weights"
     act = f"int{bits.act_bits} activations" if bits.quantize_activations else "fp activations"
     return f"{bits.name} ({kern}, {grid}, {act})"

@@ -1,0 +1,128 @@
+"""OpenVINO engine: a tiny W8A8 export compiles unchanged with INT8 convolutions (read from the compiled model's
+runtime info), matches the PyTorch fake-quant model like ONNX Runtime does, counts float layers of a mixed graph
+as float, and is never labelled executed by building alone. Also: no shipped ONNX file carries dead initializers,
+and the split-conv slice folding keeps the math."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from export_helpers import make_quantized
+
+pytest.importorskip("openvino", reason="openvino not installed (pip install openvino)")
+
+from engines import build_engine, load_engine  # noqa: E402
+from engines.openvino import OvConfig, OvEngine, build_ov_engine  # noqa: E402
+from pqcad_export.export.graph_cost import dead_initializers, fold_concat_slices  # noqa: E402
+from pqcad_export.export.onnx import export_unet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def w8(tmp_path_factory):
+    q = make_quantized("w8a8")
+    d = tmp_path_factory.mktemp("ov_w8a8")
+    return q, export_unet(q.unet, d / "unet.onnx").path
+
+
+def _rel(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+
+
+def test_openvino_runs_int8_convolutions_and_manifest(w8, tmp_path):
+    _, path = w8
+    info = build_engine(path, tmp_path / "ov", "openvino")
+    d = json.loads((tmp_path / "ov" / "engine.json").read_text())
+    assert d["backend"] == "openvino" and d["version"] and d["executed"] is False
+    prec = d["precision"]
+    assert prec["inference_precision"] in ("bf16", "f32", "f16")
+    assert prec["compute_layers"].get("Convolution:u8", 0) + prec["compute_layers"].get("Convolution:i8", 0) >= 5
+    assert prec["n_int8_layers"] == sum(1 for L in d["layers"] if L["precision"] in ("u8", "i8"))
+    assert prec["n_int8_layers"] + prec["n_float_layers"] == len(d["layers"])
+    assert "cpu_isa" in prec and info.notes[0].startswith("backend openvino")
+    # the shipped copy is the export, unchanged
+    assert (tmp_path / "ov" / "model.onnx").read_bytes() == path.read_bytes()
+    eng = load_engine(tmp_path / "ov")
+    assert isinstance(eng, OvEngine)
+    lat = eng.latency(batch=2, warmup=1, iters=3)
+    assert lat.iters == 3 and lat.median_ms > 0
+
+
+def test_openvino_matches_pytorch_like_ort(w8, tmp_path):
+    """OpenVINO is as close to the PyTorch fake-quant model as ONNX Runtime is: as many samples within 1e-3
+    relative L2 (one fewer allowed) and a worst sample no further than 1.5x ORT's worst (a 1-LSB rounding flip at
+    some QuantizeLinear moves either engine off PyTorch on a few samples: see export/parity.py), with the float parts at f32 (bf16, the CPU default, is a different
+    precision, not a parity question)."""
+    from engines.onnxruntime import OrtConfig, make_session
+
+    q, path = w8
+    eng = OvEngine.from_onnx(path, OvConfig(precision="f32"), out_dir=tmp_path / "ov32")
+    assert eng.inference_precision == "f32"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 16, 16, generator=g)
+    t = torch.tensor([999, 999, 500, 500, 1, 1])
+    with torch.no_grad():
+        ref = q(x, t).numpy()
+    ov = eng(x, t).numpy()
+    ort = make_session(path, OrtConfig(mode="qdq", provider="cpu")).run(
+        None, {"sample": x.numpy(), "timestep": t.float().numpy()})[0]
+    r_ov, r_ort = _rel(ov, ref), _rel(ort, ref)
+    assert np.isfinite(ov).all()
+    assert (r_ov <= 1e-3).sum() >= (r_ort <= 1e-3).sum() - 1 and (r_ov <= 1e-3).sum() >= 2, (r_ov, r_ort)
+    assert r_ov.max() <= max(1e-3, 1.5 * r_ort.max()), (r_ov, r_ort)
+    assert (_rel(ov, ort) <= 1e-3).sum() >= len(r_ov) // 2, _rel(ov, ort)
+
+
+def test_float_layer_in_int8_graph_counts_as_float(w8, tmp_path):
+    """A mixed-precision graph: one quantized conv loses its activation Q/DQ -> OpenVINO runs it in float and
+    engine.json says so (from runtimePrecision, not from the graph)."""
+    _, path = w8
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv" and "resnets.0/conv2" in n.name)
+    dq = prod[conv.input[0]]
+    qn = prod[dq.input[0]]
+    assert dq.op_type == "DequantizeLinear" and qn.op_type == "QuantizeLinear"
+    conv.input[0] = qn.input[0]  # the float activation feeds the conv directly
+    from pqcad_export.export.graph_cost import remove_dead_initializers
+
+    keep = [n for n in m.graph.node if n is not dq and n is not qn]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    remove_dead_initializers(m)
+    p = tmp_path / "mixed.onnx"
+    onnx.save(m, str(p))
+    base = build_ov_engine(path, tmp_path / "a").precision
+    mixed = build_ov_engine(p, tmp_path / "b").precision
+    assert mixed["n_float_layers"] == base["n_float_layers"] + 1
+    assert mixed["n_int8_layers"] == base["n_int8_layers"] - 1
+
+
+def test_shipped_onnx_files_have_no_dead_initializers(w8, tmp_path):
+    _, path = w8
+    assert dead_initializers(onnx.load(str(path))) == []
+    build_engine(path, tmp_path / "ort", "onnxruntime")
+    assert dead_initializers(onnx.load(str(tmp_path / "ort" / "model.onnx"))) == []
+    m = onnx.load(str(path))  # the check itself sees one
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "orphan"))
+    assert dead_initializers(m) == ["orphan"]
+
+
+def test_split_conv_slices_fold_exactly(tmp_path):
+    from engines.onnxruntime import OrtConfig, make_session
+
+    q = make_quantized("w8a8")
+    res = export_unet(q.unet, tmp_path / "u.onnx")
+    m = onnx.load(str(res.path))
+    assert not any(n.op_type == "Slice" and "conv_shortcut" in n.name for n in m.graph.node)  # folded on export
+    assert fold_concat_slices(m) == 0
+    feeds = {"sample": np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32),
+             "timestep": np.array([10.0, 900.0], np.float32)}
+    got = make_session(m, OrtConfig(mode="qdq", provider="cpu")).run(None, feeds)[0]
+    with torch.no_grad():
+        ref = q(torch.from_numpy(feeds["sample"]), torch.tensor([10, 900])).numpy()
+    assert np.median(_rel(got, ref)) < 1e-3
