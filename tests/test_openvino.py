@@ -126,3 +126,39 @@ def test_split_conv_slices_fold_exactly(tmp_path):
     with torch.no_grad():
         ref = q(torch.from_numpy(feeds["sample"]), torch.tensor([10, 900])).numpy()
     assert np.median(_rel(got, ref)) < 1e-3
+
+
+@pytest.mark.parametrize("no_fid", [True, False])
+def test_compare_references_and_executed_label(w8, tiny_attn_unet_dir, tmp_path, no_fid):
+    """compare.json lists the FP references (PyTorch, ORT FP32, OpenVINO with the precision it really ran) and the
+    headline speed-up against the fastest of them; the OpenVINO candidate is "executed" only with scored images."""
+    from pqcad_export.model_io import load_model
+    from pqcad_export.pipeline.compare import Candidate, CompareConfig, run_compare
+
+    _, path = w8
+    teacher = load_model(str(tiny_attn_unet_dir))
+    build_engine(path, tmp_path / "ov", "openvino")
+    eng = load_engine(tmp_path / "ov")
+    cand = Candidate(name="w8a8-openvino", backend="openvino", precision="w8a8", steps=2, unet=eng, model_bytes=1,
+                     scheduler_config=teacher.scheduler_config, extra={"engine_dir": str(tmp_path / "ov")})
+    cfg = CompareConfig(samples=4, batch_size=2, teacher_steps=4, image_runs=1, latency_iters=2, warmup=1,
+                        no_fid=no_fid)
+    rep = run_compare(teacher, [cand], tmp_path / "report", cfg, quiet=True)
+    assert json.loads((tmp_path / "report" / "compare.json").read_text())["references"] == rep["references"]
+    refs = {r["name"]: r for r in rep["references"]}
+    assert set(refs) == {"fp32-teacher", "fp32-onnxruntime", "fp-openvino"}
+    assert refs["fp32-onnxruntime"]["precision"] == "fp32" and refs["fp32-onnxruntime"]["backend"] == "onnxruntime"
+    ov_ref = refs["fp-openvino"]
+    assert ov_ref["precision"] == load_engine(ov_ref["engine_dir"]).inference_precision
+    for r in refs.values():
+        assert r["steps"] == 4 and r["unet_ms_per_call"] > 0 and r["ms_per_image"] > 0
+    assert ov_ref["fid_to_fp32"] is None and ov_ref["notes"]  # not sampled: null with a note
+    c = rep["candidates"][0]
+    best = min(refs.values(), key=lambda r: r["ms_per_image"])
+    assert c["speedup_reference"] == rep["speedup_reference"] == best["name"]
+    assert c["speedup_vs_reference"] == pytest.approx(best["ms_per_image"] / c["ms_per_image"], rel=1e-2)
+    assert c["speedup_vs_pytorch_fp32"] > 0
+    if no_fid:
+        assert c["status"] != "executed" and c["fid_to_fp32"] is None
+    else:
+        assert c["status"] == "executed" and c["fid_to_fp32"] is not None

@@ -244,6 +244,9 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             notes.append("fid, fid_to_fp32: skipped (--no-fid)")
         else:
             fid_features = _score(cfg, images, reference, cand_entries + references[1:], notes, bar)
+        for e in cand_entries:  # "executed" = ran here and produced images that were scored (ARCHITECTURE.md)
+            if e["fid_to_fp32"] is None:
+                e["status"] = "ran (images not scored)"
     report = {
         "reference": reference, "candidates": cand_entries, "samples": cfg.samples,
         "references": references, "speedup_reference": best["name"],
