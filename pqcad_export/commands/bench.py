@@ -9,29 +9,6 @@ import click
 from ..cli import MODEL_HELP, friendly, main
 
 
-def standard_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True):
-    """The comparison the project is judged by: the QDQ export on OpenVINO and on the ONNX Runtime INT8 engine,
-    and the FP model (plain ONNX) on ONNX Runtime FP32 and OpenVINO at its default precision."""
-    from engines.bench import BenchTarget
-
-    targets = []
-    if fp:
-        from ..export.fp import export_fp_onnx
-        from ..model_io import load_model
-
-        fp_onnx = export_fp_onnx(load_model(model).unet, workdir / "fp32.onnx")
-        targets += [BenchTarget("fp32-onnxruntime", "onnxruntime", str(fp_onnx), "fp32", "all"),
-                    BenchTarget("fp-openvino", "openvino", str(fp_onnx))]
-    if onnx_file:
-        targets.append(BenchTarget("int8-openvino", "openvino", str(onnx_file)))
-        if ort_int8:
-            from engines import build_engine
-
-            build_engine(onnx_file, workdir / "ort_int8", "onnxruntime")
-            targets.append(BenchTarget("int8-onnxruntime", "engine", str(workdir / "ort_int8")))
-    return targets
-
-
 @main.command()
 @click.option("--onnx", "onnx_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="a QDQ export: timed on OpenVINO and as the ONNX Runtime INT8 engine")
@@ -57,6 +34,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
     from engines.bench import BenchTarget, run_bench
 
     from ..errors import PqcadError, UsageError
+    from ..pipeline.references import bench_targets
 
     con = Console(stderr=True)
     try:
@@ -66,7 +44,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     with con.status("preparing engines..."):
-        targets = standard_targets(onnx_file, model, work, fp=not no_fp) + extra
+        targets = bench_targets(onnx_file, model, work, fp=not no_fp) + extra
     if not targets:
         raise UsageError("nothing to time: give --onnx, --target, or leave the FP references on")
     try:

@@ -95,3 +95,26 @@ def fastest(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The reference with the lowest ms_per_image (ties: listed first)."""
     timed = [e for e in entries if e.get("ms_per_image")]
     return min(timed, key=lambda e: e["ms_per_image"]) if timed else None
+
+
+def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True):
+    """The comparison the project is judged by: the QDQ export on OpenVINO and on the ONNX Runtime INT8 engine,
+    and the FP model (plain ONNX) on ONNX Runtime FP32 and OpenVINO at its default precision."""
+    from engines.bench import BenchTarget
+
+    targets = []
+    if fp:
+        from ..export.fp import export_fp_onnx
+        from ..model_io import load_model
+
+        fp_onnx = export_fp_onnx(load_model(model).unet, workdir / "fp32.onnx")
+        targets += [BenchTarget("fp32-onnxruntime", "onnxruntime", str(fp_onnx), "fp32", "all"),
+                    BenchTarget("fp-openvino", "openvino", str(fp_onnx))]
+    if onnx_file:
+        targets.append(BenchTarget("int8-openvino", "openvino", str(onnx_file)))
+        if ort_int8:
+            from engines import build_engine
+
+            build_engine(onnx_file, workdir / "ort_int8", "onnxruntime")
+            targets.append(BenchTarget("int8-onnxruntime", "engine", str(workdir / "ort_int8")))
+    return targets
