@@ -65,7 +65,10 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
         path = info.path
     import onnx
 
-    ins, _, shape, t_dtype = _input_meta(onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    ins, _, shape, t_dtype = _input_meta(model)
+    int8 = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    del model
     if shape is None:
         raise ValueError(f"{path}: no static sample shape")
 
@@ -81,13 +84,15 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
 
         compiled = compile_onnx(path, OvConfig(precision=prec, threads=threads))
         req = compiled.create_infer_request()
-        return (lambda b, s: (lambda f=feeds(b, s): req.infer(f))), "openvino", inference_precision(compiled)
+        label = ("int8+" if int8 else "") + inference_precision(compiled)  # float parts run at this precision
+        return (lambda b, s: (lambda f=feeds(b, s): req.infer(f))), "openvino", label
     if backend == "onnxruntime":
         level = t.level
         if t.backend == "engine":
             level = (read_manifest(t.path).options or {}).get("optimization_level", "extended")
         sess = make_session(path, OrtConfig(optimization_level=level, intra_op_threads=threads, provider="cpu"))
-        return (lambda b, s: (lambda f=feeds(b, s): sess.run(None, f))), "onnxruntime", prec
+        label = prec if prec != "default" else ("int8" if int8 else "fp32")
+        return (lambda b, s: (lambda f=feeds(b, s): sess.run(None, f))), "onnxruntime", label
     raise ValueError(f"cannot benchmark backend {backend!r} on the CPU")
 
 
@@ -148,7 +153,8 @@ def run_bench(targets: list[BenchTarget], batches: list[int], reps: int = 3, thr
             rows.append({"name": t.name, "batch": b, "backend": rs[0]["backend"], "precision": rs[0]["precision"],
                          "source": t.path, "median_ms": round(m, 4), "ms_per_sample": round(m / b, 4),
                          "rep_medians_ms": [round(x, 4) for x in med], "min_ms": round(min(x["min_ms"] for x in rs), 4),
-                         "spread": round((max(med) - min(med)) / m, 4) if m else None})
+                         "spread": round((max(med) - min(med)) / m, 4) if m else None,
+                         "pids": [x["pid"] for x in rs]})
     return {"rows": rows, "cpu": cpu_info()[0], "cpu_isa": cpu_isa(), "cores": os.cpu_count(), "threads": threads,
             "reps": reps, "iters": iters, "warmup": warmup, "batches": list(batches),
             "load_average_before": [round(x, 2) for x in load_before],

@@ -162,3 +162,20 @@ def test_compare_references_and_executed_label(w8, tiny_attn_unet_dir, tmp_path,
         assert c["status"] != "executed" and c["fid_to_fp32"] is None
     else:
         assert c["status"] == "executed" and c["fid_to_fp32"] is not None
+
+
+def test_auto_on_cpu_keeps_the_measured_faster_engine(w8, tmp_path):
+    from engines import CPU_FASTEST, resolve_backend
+
+    _, path = w8
+    assert resolve_backend("auto")[0] == CPU_FASTEST  # no TensorRT here
+    info = build_engine(path, tmp_path / "auto", "auto")
+    d = json.loads((tmp_path / "auto" / "engine.json").read_text())
+    auto = d["options"]["auto"]
+    assert set(auto["ms_per_call"]) == {"onnxruntime", "openvino"} and all(v > 0 for v in auto["ms_per_call"].values())
+    assert auto["chosen"] == d["backend"] == info.backend == min(auto["ms_per_call"], key=auto["ms_per_call"].get)
+    assert "measured faster" in d["notes"][0] and str(auto["batch"]) in auto["reason"]
+    assert not [p for p in (tmp_path / "auto").iterdir() if p.name.startswith(".auto_")]  # the loser is gone
+    eng = load_engine(tmp_path / "auto")
+    y = eng(torch.randn(2, 1, 16, 16), torch.tensor([3, 700]))
+    assert y.shape == (2, 1, 16, 16) and torch.isfinite(y).all()

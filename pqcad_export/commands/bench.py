@@ -22,9 +22,11 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
+@click.option("--profile", is_flag=True, help="also time per op type (OpenVINO PERF_COUNT, ORT profiler) at the "
+              "largest batch")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
 @friendly
-def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, json_out):
+def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, profile, json_out):
     """Time engines one process per (engine, batch), repetitions interleaved; medians, spread, ISA, threads."""
     import json
 
@@ -63,6 +65,31 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
             t.add_row(r["name"], r["precision"], str(b), f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
                       f"{best / r['median_ms']:.2f}x" if best else "-")
     Console().print(t)
+    if profile:
+        rep["profile"] = _profile(targets, max(batches), threads)
+        for name, ops in rep["profile"].items():
+            con.print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops[:6]))
     if json_out:
         Path(json_out).write_text(json.dumps(rep, indent=2))
         con.print(f"wrote {json_out}")
+
+
+def _profile(targets, batch: int, threads: int) -> dict:
+    """Per op type time of each target (after the isolated timing, one at a time in this process)."""
+    from engines.manifest import read_manifest
+    from engines.profile import onnxruntime_ops, openvino_ops
+
+    out = {}
+    for t in targets:
+        backend, path, level, prec = t.backend, t.path, t.level, t.precision
+        if backend == "engine":
+            info = read_manifest(path)
+            backend, path = info.backend, str(info.path)
+            level = (info.options or {}).get("optimization_level", "extended")
+            prec = (info.options or {}).get("precision", "default")
+        if backend == "openvino":
+            out[t.name] = openvino_ops(path, batch, prec, threads)
+        elif backend == "onnxruntime":
+            out[t.name] = onnxruntime_ops(path, batch, level, threads)
+    return out
+
