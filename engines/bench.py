@@ -35,6 +35,7 @@ class BenchTarget:
     path: str
     precision: str = "default"   # openvino: INFERENCE_PRECISION_HINT (default = plugin's choice); else a label
     level: str = "all"           # onnxruntime graph optimization level for a plain ONNX file
+    static_batch: bool = False   # openvino: compile for the measured batch only (no dynamic shapes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +63,8 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
         backend = info.backend
         if backend == "openvino":
             prec = info.options.get("precision", "default")
+            t = BenchTarget(**{**t.to_dict(), "static_batch": t.static_batch or info.options.get("static_batch",
+                                                                                                    False)})
         path = info.path
     import onnx
 
@@ -82,10 +85,15 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
     if backend == "openvino":
         from .openvino import OvConfig, compile_onnx, inference_precision
 
-        compiled = compile_onnx(path, OvConfig(precision=prec, threads=threads))
-        req = compiled.create_infer_request()
+        cfg = OvConfig(precision=prec, threads=threads)
+        compiled = compile_onnx(path, cfg)
         label = ("int8+" if int8 else "") + inference_precision(compiled)  # float parts run at this precision
-        return (lambda b, s: (lambda f=feeds(b, s): req.infer(f))), "openvino", label
+
+        def make(b, s):
+            req = (compile_onnx(path, cfg, batch=b) if t.static_batch else compiled).create_infer_request()
+            return lambda f=feeds(b, s): req.infer(f)
+
+        return make, "openvino", label + (" static" if t.static_batch else "")
     if backend == "onnxruntime":
         level = t.level
         if t.backend == "engine":

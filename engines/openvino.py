@@ -38,6 +38,7 @@ class OvConfig:
 
     precision: str = "default"       # default | f32 | bf16 | f16 (INFERENCE_PRECISION_HINT)
     threads: int = 0                 # INFERENCE_NUM_THREADS (0 = plugin default: physical cores)
+    static_batch: bool = False       # compile one static-shape model per batch seen (no dynamic-shape overhead)
     device: str = "CPU"
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,12 +71,21 @@ def openvino_available() -> bool:
         return False
 
 
-def compile_onnx(path: str | Path, cfg: Optional[OvConfig] = None, extra: Optional[dict[str, str]] = None):
-    """Read and compile an ONNX file for the CPU; returns the CompiledModel."""
+def compile_onnx(path: str | Path, cfg: Optional[OvConfig] = None, extra: Optional[dict[str, str]] = None,
+                 batch: Optional[int] = None):
+    """Read and compile an ONNX file for the CPU (with the batch dimension fixed to `batch` when given)."""
     ov = import_openvino()
     cfg = cfg or OvConfig()
     core = ov.Core()
-    return core.compile_model(core.read_model(str(path)), cfg.device, {**cfg.properties(), **(extra or {})})
+    model = core.read_model(str(path))
+    if batch:
+        shapes = {}
+        for inp in model.inputs:
+            ps = inp.get_partial_shape()
+            ps[0] = batch
+            shapes[inp.get_any_name()] = ps
+        model.reshape(shapes)
+    return core.compile_model(model, cfg.device, {**cfg.properties(), **(extra or {})})
 
 
 def inference_precision(compiled) -> str:
@@ -169,6 +179,7 @@ class OvEngine(Engine):
         self.cfg = OvConfig(**opts)
         self.compiled = compile_onnx(self.info.path, self.cfg)
         self.request = self.compiled.create_infer_request()
+        self._static: dict[int, Any] = {}
         self._np_t = np.dtype(self.info.timestep_dtype)
 
     @classmethod
@@ -189,13 +200,21 @@ class OvEngine(Engine):
 
         return OrtEngine.feeds(self, sample, timestep, encoder_hidden_states)  # same input contract
 
+    def _request(self, batch: int):
+        if not self.cfg.static_batch:
+            return self.request
+        if batch not in self._static:
+            self._static[batch] = compile_onnx(self.info.path, self.cfg, batch=batch).create_infer_request()
+        return self._static[batch]
+
     def run(self, sample, timestep, encoder_hidden_states=None):
-        res = self.request.infer(self.feeds(sample, timestep, encoder_hidden_states))
-        out = torch.from_numpy(np.array(res[self.compiled.output(0)], dtype=np.float32, copy=True))
+        res = self._request(int(sample.shape[0])).infer(self.feeds(sample, timestep, encoder_hidden_states))
+        out = torch.from_numpy(np.array(next(iter(res.values())), dtype=np.float32, copy=True))
         return out.to(sample.device) if torch.is_tensor(sample) else out
 
     def latency(self, batch: int = 1, warmup: int = 3, iters: int = 10, seed: int = 0,
                 cond_shape=None) -> LatencyStats:
         x, t, c = self.example_inputs(batch, seed, cond_shape)
         f = self.feeds(x, t, c)  # time the infer request itself, not the torch<->numpy copies
-        return time_cpu(lambda: self.request.infer(f), batch, warmup, iters)
+        req = self._request(batch)
+        return time_cpu(lambda: req.infer(f), batch, warmup, iters)
