@@ -409,6 +409,10 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
                    f"{stats['requantized_conv_outputs']} Conv outputs requantized (calibrated on {source})")
     else:
         model = src
+    from pqcad_export.export.graph_cost import remove_dead_initializers
+
+    if remove_dead_initializers(model):  # the shipped model.onnx carries no unused initializer
+        log.append("removed initializers no node reads")
     if model.ByteSize() > (1 << 30):  # protobuf's 2 GiB limit
         onnx.save_model(model, str(out / ENGINE_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=ENGINE_FILE + ".data")
