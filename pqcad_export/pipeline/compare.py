@@ -253,8 +253,8 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
         "batch_size": b, "latency_batch": lb,
         "latency": f"unet_ms_per_call: median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
-        f"calls at batch {lb} (CPU engines: each in its own process); ms_per_image: median of {cfg.image_runs} timed complete DDIM runs (all steps) at "
-        f"batch {lb} after one warm-up run, divided by {lb}",
+        f"calls at batch {lb} (CPU engines: each in its own process); ms_per_image: median of {cfg.image_runs} "
+        f"timed complete DDIM runs (all steps) at batch {lb} after one warm-up run, divided by {lb}",
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
