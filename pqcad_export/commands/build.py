@@ -29,8 +29,9 @@ from ..cli import MODEL_HELP, friendly, main
                    "better student, docs/RESULTS.md, Run 7)")
 @click.option("--teacher-steps", default=100, show_default=True, help="DDIM steps of the FP / quantized teacher")
 @click.option("--student-steps", default=50, show_default=True, help="DDIM steps of the CAD student (= half)")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
-              help="engine: auto (TensorRT with a GPU, else the faster of ONNX Runtime and OpenVINO, measured)")
+@click.option("--backend", default="auto", show_default=True,
+              help=f"engine: {' | '.join(BACKENDS)}; auto = TensorRT with a GPU, else the faster of ONNX Runtime and "
+                   "OpenVINO, measured at build time")
 @click.option("--device", default="cpu", show_default=True, help="torch device for calibration/PQ/CAD: cpu | cuda")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--samples", default=None, type=int, help="compare: images per model (quick 100, paper 10000)")
