@@ -190,3 +190,20 @@ def test_static_batch_engine_matches_dynamic(w8, tmp_path):
     # between ORT and PyTorch), never a different function (a swapped sample or batch layout is ~1.4)
     assert _rel(st(x, t).numpy(), dyn(x, t).numpy()).max() < 0.1
     assert list(st._static) == [3] and st.latency(batch=2, warmup=1, iters=2).iters == 2 and 2 in st._static
+
+
+def test_engine_cli_openvino_and_choices_from_the_enum(w8, tmp_path):
+    from click.testing import CliRunner
+
+    from engines import BACKENDS, Backend
+    from pqcad_export.cli import main
+
+    _, path = w8
+    assert "openvino" in BACKENDS == tuple(b.value for b in Backend)
+    r = CliRunner().invoke(main, ["engine", "--onnx", str(path), "--out", str(tmp_path / "e"), "--backend",
+                                  "openvino", "--ov-precision", "f32"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "e" / "engine.json").read_text())
+    assert d["precision"]["inference_precision"] == "f32" and d["options"]["precision"] == "f32"
+    r = CliRunner().invoke(main, ["engine", "--onnx", str(path), "--out", str(tmp_path / "x"), "--backend", "tvm"])
+    assert r.exit_code == 2
