@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-import collections
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import onnx
