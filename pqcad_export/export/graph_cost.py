@@ -2,7 +2,8 @@
 
 * Split convolutions slice the skip concatenation back into its halves: the slices are folded away.
 * GroupNorm stays the exporter's InstanceNormalization chain: one GroupNormalization-21 node was measured slower
-  on OpenVINO 2026.4's CPU plugin (it decomposes it into the same MVN plus an extra reshape), see the report.
+  on OpenVINO 2026.4's CPU plugin (it decomposes it into the same MVN plus an extra reshape), measured in the
+  run of issue 22.
 * Dead initializers (tensors no node reads, e.g. left behind by a rewrite) are dropped: engines warn about each.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
 
 def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
