@@ -1,9 +1,8 @@
 """Graph clean-up after the TorchScript export that makes the QDQ graph cheap to run, without changing its math.
 
 * Split convolutions slice the skip concatenation back into its halves: the slices are folded away.
-* GroupNorm stays the exporter's InstanceNormalization chain: one GroupNormalization-21 node was measured slower
-  on OpenVINO 2026.4's CPU plugin (it decomposes it into the same MVN plus an extra reshape), measured in the
-  run of issue 22.
+* GroupNorm stays the exporter's InstanceNormalization chain: one GroupNormalization-21 node ran slower on
+  OpenVINO 2026.4's CPU plugin (issue 22: it decomposes it into the same MVN plus an extra Subtract chain).
 * Dead initializers (tensors no node reads, e.g. left behind by a rewrite) are dropped: engines warn about each.
 """
 
