@@ -38,8 +38,7 @@ class OvConfig:
 
     precision: str = "default"       # default | f32 | bf16 | f16 (INFERENCE_PRECISION_HINT)
     threads: int = 0                 # INFERENCE_NUM_THREADS (0 = plugin default: physical cores)
-    static_batch: bool = True        # compile one static-shape model per batch seen (no dynamic-shape overhead:
-    #                                  ~20% per call for both the FP and the INT8 model at batch 8, loaded 2-core run)
+    static_batch: bool = False       # compile one static-shape model per batch seen (no dynamic-shape overhead)
     device: str = "CPU"
 
     def to_dict(self) -> dict[str, Any]:

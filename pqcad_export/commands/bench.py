@@ -22,13 +22,12 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
-@click.option("--dynamic", is_flag=True, help="also OpenVINO compiled with a dynamic batch (the engine compiles "
-              "a static shape per batch)")
+@click.option("--static", is_flag=True, help="also OpenVINO compiled for each batch's static shape")
 @click.option("--profile", is_flag=True, help="also time per op type (OpenVINO PERF_COUNT, ORT profiler) at the "
               "largest batch")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
 @friendly
-def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, dynamic, profile,
+def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, static, profile,
           json_out):
     """Time engines one process per (engine, batch), repetitions interleaved; medians, spread, ISA, threads."""
     import json
@@ -49,7 +48,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     with con.status("preparing engines..."):
-        targets = bench_targets(onnx_file, model, work, fp=not no_fp, dynamic=dynamic) + extra
+        targets = bench_targets(onnx_file, model, work, fp=not no_fp, static=static) + extra
     if not targets:
         raise UsageError("nothing to time: give --onnx, --target, or leave the FP references on")
     try:

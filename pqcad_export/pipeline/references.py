@@ -97,7 +97,7 @@ def fastest(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return min(timed, key=lambda e: e["ms_per_image"]) if timed else None
 
 
-def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True, dynamic: bool = False):
+def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True, static: bool = False):
     """The comparison the project is judged by: the QDQ export on OpenVINO and on the ONNX Runtime INT8 engine,
     and the FP model (plain ONNX) on ONNX Runtime FP32 and OpenVINO at its default precision."""
     from engines.bench import BenchTarget
@@ -110,12 +110,12 @@ def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bo
         fp_onnx = export_fp_onnx(load_model(model).unet, workdir / "fp32.onnx")
         targets += [BenchTarget("fp32-onnxruntime", "onnxruntime", str(fp_onnx), "fp32", "all"),
                     BenchTarget("fp-openvino", "openvino", str(fp_onnx))]
-        if dynamic:
-            targets.append(BenchTarget("fp-openvino-dynamic", "openvino", str(fp_onnx), static_batch=False))
+        if static:
+            targets.append(BenchTarget("fp-openvino-static", "openvino", str(fp_onnx), static_batch=True))
     if onnx_file:
         targets.append(BenchTarget("int8-openvino", "openvino", str(onnx_file)))
-        if dynamic:
-            targets.append(BenchTarget("int8-openvino-dynamic", "openvino", str(onnx_file), static_batch=False))
+        if static:
+            targets.append(BenchTarget("int8-openvino-static", "openvino", str(onnx_file), static_batch=True))
         if ort_int8:
             from engines import build_engine
 
