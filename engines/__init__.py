@@ -1,15 +1,29 @@
-"""Everything after ONNX: TensorRT / TensorRT-RTX / ONNX Runtime engines, manifests and latency.
+"""Everything after ONNX: TensorRT / TensorRT-RTX / ONNX Runtime / OpenVINO engines, manifests and latency.
 
 Never imports pqcad_export.cli; the pipeline and the `engine` command compose these functions.
 """
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from .base import Engine, LatencyStats
 from .manifest import EngineInfo, read_manifest
 
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+
+class Backend(str, enum.Enum):
+    """Engine backends; the CLI derives its --backend choices from this."""
+
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt-rtx"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+BACKENDS = tuple(b.value for b in Backend)
+CPU_FASTEST = "fastest-cpu"  # resolve_backend's answer for auto on a CPU with OpenVINO: measured at build time
+AUTO_BATCH = 8               # batch of the build-time measurement (a few UNet calls per engine)
 
 
 class EngineError(RuntimeError):
@@ -26,9 +40,11 @@ def gpu_available() -> bool:
 
 
 def resolve_backend(backend: str = "auto") -> tuple[str, str]:
-    """(backend, reason). auto = TensorRT when importable and a GPU is present, else ONNX Runtime."""
+    """(backend, reason). auto = TensorRT when importable and a GPU is present; else, when OpenVINO is importable,
+    CPU_FASTEST (build_engine builds ONNX Runtime and OpenVINO and keeps the faster), else ONNX Runtime."""
     from .tensorrt import TensorRTUnavailable, import_tensorrt
 
+    backend = getattr(backend, "value", backend)
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -41,11 +57,15 @@ def resolve_backend(backend: str = "auto") -> tuple[str, str]:
     if trt_ok and gpu_available():
         return "tensorrt", "tensorrt importable and a CUDA GPU is present"
     reason = why if not trt_ok else "no CUDA GPU visible"
-    return "onnxruntime", f"{reason}; using ONNX Runtime"
+    from .openvino import openvino_available
+
+    if openvino_available():
+        return CPU_FASTEST, f"{reason}; the faster of ONNX Runtime and OpenVINO, measured at build time"
+    return "onnxruntime", f"{reason}; openvino not importable; using ONNX Runtime"
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, backend: str = "auto", trt_config=None,
-                 ort_config=None, calib_feeds=None) -> EngineInfo:
+                 ort_config=None, calib_feeds=None, ov_config=None) -> EngineInfo:
     """Build an engine directory (plan or ORT model + engine.json) from a QDQ ONNX file.
 
     calib_feeds ({"sample", "timestep"[, "encoder_hidden_states"]} numpy arrays, e.g. from C_QC) calibrate the
@@ -73,6 +93,20 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, backend: str = "aut
             raise EngineError(f"backend {chosen} requested but {exc}; install the [{chosen}] extra") from None
         except TensorRTBuildError as exc:
             raise EngineError(str(exc).splitlines()[0]) from None
+    elif chosen == CPU_FASTEST:
+        from .select import build_fastest_cpu
+
+        info, reason = build_fastest_cpu(onnx_path, out_dir, ort_config, ov_config, calib_feeds, AUTO_BATCH)
+        chosen = info.backend
+    elif chosen == "openvino":
+        from .openvino import OpenVinoUnavailable, build_ov_engine
+
+        try:
+            info = build_ov_engine(onnx_path, out_dir, ov_config)
+        except OpenVinoUnavailable as exc:
+            raise EngineError(f"backend openvino requested but {exc}; pip install openvino") from None
+        except RuntimeError as exc:
+            raise EngineError(f"OpenVINO could not compile {onnx_path}: {str(exc).strip().splitlines()[0]}") from None
     else:
         from .onnxruntime import build_ort_engine
 
@@ -94,6 +128,13 @@ def load_engine(engine_dir: str | Path, **kwargs) -> Engine:
         from .onnxruntime import OrtEngine
 
         return OrtEngine(engine_dir, **kwargs)
+    if info.backend == "openvino":
+        from .openvino import OpenVinoUnavailable, OvEngine
+
+        try:
+            return OvEngine(engine_dir, **kwargs)
+        except OpenVinoUnavailable as exc:
+            raise EngineError(str(exc)) from None
     from .tensorrt import TensorRTUnavailable, TrtEngine
 
     try:
@@ -102,5 +143,5 @@ def load_engine(engine_dir: str | Path, **kwargs) -> Engine:
         raise EngineError(str(exc)) from None
 
 
-__all__ = ["Engine", "EngineInfo", "EngineError", "LatencyStats", "BACKENDS", "build_engine", "load_engine",
+__all__ = ["Backend", "Engine", "EngineInfo", "EngineError", "LatencyStats", "BACKENDS", "CPU_FASTEST", "build_engine", "load_engine",
            "resolve_backend", "gpu_available"]

@@ -56,6 +56,18 @@ def cpu_info() -> tuple[str, frozenset]:
     return info.get("model name", ""), frozenset(info.get("flags", "").split())
 
 
+ISA_LABELS = (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+              ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_isa() -> str:
+    """The widest integer dot-product ISA of this CPU ("AVX-512 VNNI", ...; "" where unknown), plus "+BF16" where
+    AVX-512 BF16 exists: together they decide how far INT8 kernels can beat the float ones."""
+    flags = cpu_info()[1]
+    isa = next((label for flag, label in ISA_LABELS if flag in flags), "")
+    return f"{isa}+BF16" if isa and "avx512_bf16" in flags else isa
+
+
 def summarize_ms(samples: list[float], batch: int, warmup: int, timer: str) -> LatencyStats:
     s = sorted(samples)
     p90 = s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]

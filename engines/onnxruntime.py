@@ -356,6 +356,9 @@ def to_cpu_int8(model: onnx.ModelProto, cfg: Optional[OrtConfig] = None,
         raise ValueError(f"u8_weights must be auto, yes or no, got {cfg.u8_weights!r}")
     if cfg.u8_weights == "yes" or (cfg.u8_weights == "auto" and x86_without_vnni()):
         stats["u8_weights"] = _u8_weights(m)
+    from pqcad_export.export.graph_cost import remove_dead_initializers
+
+    remove_dead_initializers(m)  # the int8 zero points the u8 rewrite replaced (ORT warned about each)
     return m, stats
 
 
@@ -425,6 +428,10 @@ def build_ort_engine(onnx_path: str | Path, out_dir: str | Path, cfg: Optional[O
                    f"{stats['requantized_conv_outputs']} Conv outputs requantized (calibrated on {source})")
     else:
         model = src
+    from pqcad_export.export.graph_cost import remove_dead_initializers
+
+    if remove_dead_initializers(model):  # the shipped model.onnx carries no unused initializer
+        log.append("removed initializers no node reads")
     if model.ByteSize() > (1 << 30):  # protobuf's 2 GiB limit
         onnx.save_model(model, str(out / ENGINE_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=ENGINE_FILE + ".data")

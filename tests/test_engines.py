@@ -100,7 +100,10 @@ def test_ort_engine_manifest_latency_and_load(tmp_path):
 def test_backend_resolution_and_missing_tensorrt(tmp_path):
     chosen, why = resolve_backend("auto")
     if not (tensorrt_available() and torch.cuda.is_available()):
-        assert chosen == "onnxruntime" and why
+        from engines import CPU_FASTEST
+        from engines.openvino import openvino_available
+
+        assert chosen == (CPU_FASTEST if openvino_available() else "onnxruntime") and why
     with pytest.raises(EngineError):
         resolve_backend("tvm")
     p = _conv_relu(tmp_path)

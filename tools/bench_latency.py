@@ -1,15 +1,16 @@
 #!/usr/bin/env python
-"""Per-UNet-call latency on this machine: ORT INT8 (our QDQ export, CPU INT8 copy) vs ORT FP32 vs PyTorch FP32,
-plus ONNX Runtime's own `quantize_static` on the same FP model as the baseline to beat.
+"""Per-UNet-call latency on this machine, each engine in its own process (engines.bench): our QDQ export on
+OpenVINO and as the ONNX Runtime INT8 engine, against the FP model on ONNX Runtime FP32 and OpenVINO at its
+default precision (bf16 on AVX-512 BF16), optionally ONNX Runtime's own `quantize_static` baseline.
 
 Usage:
   python tools/bench_latency.py [--model DIR] [--quantized DIR] [--bits w8a8] [--batch 1 8 32] [--threads 2]
-                                [--iters 20] [--out bench.json]
+                                [--iters 50] [--reps 3] [--ort-static] [--out bench.json]
 
 Without --quantized, the FP model is quantized round-to-nearest (max-abs per-channel weights, percentile
 activation steps from N(0,1) inputs at several timesteps): latency does not depend on the learned values, and
 the accuracy column then says how far each INT8 engine is from FP32 for that simple quantization.
-Median of >= --iters timed calls after warm-up; the same inputs for every backend.
+Median over --reps interleaved processes of the median of --iters timed calls; the same inputs for every engine.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.base import summarize_ms  # noqa: E402
-from engines.onnxruntime import OrtConfig, build_ort_engine, kernel_summary, make_session  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def quick_quantize(unet, bits: str, seed: int = 0):
@@ -105,27 +97,23 @@ def main() -> None:
     ap.add_argument("--bits", default="w8a8")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--levels", nargs="+", default=["extended", "all"], help="ORT graph optimization levels")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (one process each)")
+    ap.add_argument("--ort-static", action="store_true", help="also ONNX Runtime's quantize_static (u8) baseline")
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from rich.console import Console
-    from rich.table import Table
-
+    from engines.bench import run_bench
     from pqcad_export.export.onnx import export_unet
     from pqcad_export.model_io import load_model
+    from pqcad_export.pipeline.references import bench_targets
 
-    con = Console()
-    torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pqcad_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     fp = load_model(args.model)
-    fp_unet = fp.unet.eval()
     c, s, _ = fp.sample_shape
-    n_params = sum(p.numel() for p in fp_unet.parameters())
     if args.quantized:
         from pqcad_export.quantize.saved import load_quantized
 
@@ -133,92 +121,31 @@ def main() -> None:
     else:
         import copy
 
-        with con.status("quick RTN quantization (latency only)..."):
-            q = quick_quantize(copy.deepcopy(fp_unet), args.bits)
-    with con.status("exporting ONNX..."):
-        export_fp(fp_unet, work / "fp32.onnx")
-        export_unet(q.unet, work / "qdq.onnx")
-    g = torch.Generator().manual_seed(0)
-    calib = [{"sample": torch.randn(8, c, s, s, generator=g).numpy(),
-              "timestep": np.linspace(0, 999, 8).round().astype(np.float32)} for _ in range(2)]
-    with con.status("ORT quantize_static baseline..."):
+        q = quick_quantize(copy.deepcopy(fp.unet.eval()), args.bits)
+    export_unet(q.unet, work / "qdq.onnx")
+    targets = bench_targets(work / "qdq.onnx", args.model, work)
+    if args.ort_static:
+        from engines.bench import BenchTarget
+
+        g = torch.Generator().manual_seed(0)
+        calib = [{"sample": torch.randn(8, c, s, s, generator=g).numpy(),
+                  "timestep": np.linspace(0, 999, 8).round().astype(np.float32)} for _ in range(2)]
         ort_quantize_static(work / "fp32.onnx", work / "ort_static_u8.onnx", calib, u8=True)
-        ort_quantize_static(work / "fp32.onnx", work / "ort_static_s8.onnx", calib, u8=False)
-    engines = {}
-    with con.status("building our ORT engines..."):
-        for lvl in args.levels:
-            for mode in ("int8", "qdq"):
-                d = work / f"ours_{mode}_{lvl}"
-                build_ort_engine(work / "qdq.onnx", d, OrtConfig(mode=mode, optimization_level=lvl,
-                                                                 intra_op_threads=args.threads))
-                engines[f"ours_{mode}_{lvl}"] = d / "model.onnx"
-
-    results = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-               "threads": args.threads, "model": str(fp.path), "params": n_params, "bits": q.bits.name,
-               "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-               "quantized_source": args.quantized or "rtn (latency only)", "rows": []}
+        targets.append(BenchTarget("ort-static-u8", "onnxruntime", str(work / "ort_static_u8.onnx"), "u8", "all"))
+    res = run_bench(targets, args.batch, reps=args.reps, threads=args.threads, warmup=args.warmup, iters=args.iters,
+                    progress=lambda m: print(m, file=sys.stderr))
+    res.update({"model": str(fp.path), "bits": q.bits.name, "quantized_source": args.quantized or "rtn (latency only)",
+                "torch": torch.__version__})
     for b in args.batch:
-        x = torch.randn(b, c, s, s, generator=torch.Generator().manual_seed(b))
-        t = torch.linspace(1, 999, b).round().long()
-        feeds = {"sample": x.numpy(), "timestep": t.float().numpy()}
-        with torch.no_grad():
-            ref = fp_unet(x, t).sample.numpy()
-            qref = q(x, t).numpy()
-        row = {"batch": b}
-        calls = {}
-
-        def _pt():
-            with torch.no_grad():
-                return fp_unet(x, t)
-
-        calls["pytorch_fp32"] = (_pt, ref)
-        cands = {f"ort_fp32_{lvl}": (work / "fp32.onnx", lvl) for lvl in args.levels}
-        cands.update({f"ort_static_{k}_{lvl}": (work / f"ort_static_{k}.onnx", lvl) for k in ("u8", "s8")
-                      for lvl in args.levels})
-        cands.update({k: (p, k.rsplit("_", 1)[1]) for k, p in engines.items()})
-        outs = {}
-        for name, (path, lvl) in cands.items():
-            sess = make_session(path, OrtConfig(optimization_level=lvl, intra_op_threads=args.threads,
-                                                provider="cpu"))
-            outs[name] = sess.run(None, feeds)[0]
-            calls[name] = (lambda sess=sess: sess.run(None, feeds), None)
-        # round-robin timing: every backend sees the same machine load (this host is shared)
-        samples = {k: [] for k in calls}
-        for _ in range(args.warmup):
-            for fn, _r in calls.values():
-                fn()
-        for _ in range(args.iters):
-            for k, (fn, _r) in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append((time.perf_counter() - t0) * 1e3)
-        for k, v in samples.items():
-            st = summarize_ms(v, b, args.warmup, "perf_counter/round-robin")
-            r = {"median_ms": st.median_ms, "p90_ms": st.p90_ms, "min_ms": st.min_ms}
-            if k == "pytorch_fp32":
-                r["rel_l2_vs_fp32"] = 0.0
-            else:
-                r["rel_l2_vs_fp32"] = rel(outs[k], ref)
-                r["rel_l2_vs_quant_torch"] = rel(outs[k], qref) if k.startswith("ours") else None
-            row[k] = r
-        results["rows"].append(row)
-        results["load_average"] = os.getloadavg()
-        base = row["pytorch_fp32"]["median_ms"]
-        tab = Table(title=f"batch {b}: per-UNet-call latency ({args.threads} threads)")
-        for col in ("backend", "median ms", "ms/sample", "speedup vs PyTorch FP32", "rel L2 vs FP32 eps"):
-            tab.add_column(col)
-        for name, r in row.items():
-            if name == "batch":
-                continue
-            r["speedup_vs_pytorch_fp32"] = base / r["median_ms"]
-            tab.add_row(name, f"{r['median_ms']:.2f}", f"{r['median_ms'] / b:.3f}",
-                        f"{r['speedup_vs_pytorch_fp32']:.2f}x", f"{r['rel_l2_vs_fp32']:.3g}")
-        con.print(tab)
-    results["kernels"] = {k: kernel_summary(p, OrtConfig(optimization_level="extended"))["int8_kernels"]
-                          for k, p in {**engines, "ort_static_u8": work / "ort_static_u8.onnx"}.items()}
+        rows = [r for r in res["rows"] if r["batch"] == b]
+        fps = [r["median_ms"] for r in rows if r["name"].startswith(("fp32-", "fp-"))]
+        print(f"batch {b} ({res['cpu_isa']}, {res['threads']} threads): ms per UNet call, median of {args.reps}")
+        for r in rows:
+            vs = f"{min(fps) / r['median_ms']:.2f}x vs fastest FP" if fps else ""
+            print(f"  {r['name']:22s} {r['precision']:8s} {r['median_ms']:9.2f}  spread {100 * r['spread']:3.0f}%  {vs}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        con.print(f"wrote {args.out}")
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ backend, the model size, GBOPs per UNet call, unet_ms_per_call, ms_per_image and
 - GBOPs (bit operations, as in the quantization literature): sum over layers of MACs x weight bits x input
   activation bits, MACs counted with forward hooks on one batch-1 call (convolutions, linear layers and the two
   attention matmuls QK^T and PV at activation x activation bits); FP32 counts 32 x 32.
-- Latency: executed engines only (ONNX Runtime on this machine's CPU: FP32 graph, and our QDQ export built as an
-  INT8 engine). ms_per_image = steps x ms_per_call(batch B) / B with 100 steps for FP32 and the quantized teacher
-  and 50 for the distilled student (the latency of one call does not depend on the learned values, so the
-  quantized rows use a round-to-nearest model); medians of round-robin timed calls, each engine at the faster of
-  ORT's "extended" and "all" optimization levels (the JSON keeps both). TensorRT-RTX rows are built
+- Latency: executed engines only (ONNX Runtime and OpenVINO on this machine's CPU: the FP graph, and our QDQ
+  export as the ORT INT8 engine and compiled as it is by OpenVINO). ms_per_image = steps x ms_per_call(batch B) / B
+  with 100 steps for FP32 and the quantized teacher and 50 for the distilled student (the latency of one call
+  does not depend on the learned values, so the quantized rows use a round-to-nearest model); each engine timed
+  in its own process, repetitions interleaved (engines.bench), ORT engines at the faster of the "extended" and
+  "all" optimization levels (the JSON keeps both). TensorRT-RTX rows are built
   (parsed and compiled for --trt-arch) but not run: "validated", no latency.
 
     python tools/efficiency_table.py --batch 1 32 --out docs/results/efficiency_cpu.json
@@ -25,10 +26,8 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions, one process each (engines.bench)")
     ap.add_argument("--trt-arch", default="SM89", help="TensorRT-RTX build target of the validated rows ('' = skip)")
     ap.add_argument("--relax", type=float, nargs="*", default=[0.05, 0.1, 0.2], metavar="FRAC",
                     help="PCR relaxing: also time W4A8 with fp32 activations and give the 50-step sampler's "
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         print(markdown(json.loads(Path(a.table).read_text())))
         return 0
 
-    from engines.onnxruntime import OrtConfig, build_ort_engine, make_session
+    from engines.onnxruntime import OrtConfig, build_ort_engine
     from pqcad_export.export.onnx import export_unet
     from pqcad_export.model_io import load_model
     from pqcad_export.pipeline.compare import device_description
@@ -154,35 +154,40 @@ def main(argv=None) -> int:
             rows.append({**common, **_trt_validate(work / f"{bits}.qdq.onnx", work / f"trt_{bits}", a.trt_arch)})
         if bits == "w4a8" and a.relax:
             rows.append(_relaxed_row(q, work, macs, unet))
-    c, h, w = fp.sample_shape
-    # every engine at both ORT levels, each row keeping its faster one: 'all' adds NCHWc layouts, which speed up
-    # the FP32 convolutions ~1.4x at batch 32 on this CPU and leave the INT8 kernels as they are; timing FP32 at
-    # 'extended' only (as this table did before) overstated the INT8 speed-up
-    sessions = {}
+    # OpenVINO compiles the same files as they are: FP at its default inference precision, the QDQ exports INT8
+    for r in list(rows):
+        if r["status"] == "executed" and r["backend"].startswith("onnxruntime") and "relaxed" not in r["precision"]:
+            src = work / "fp32.onnx" if r["precision"] == "FP32" else work / f"{r['precision'].lower()}.qdq.onnx"
+            rows.append({**{k: v for k, v in r.items() if k not in ("engine", "backend")},
+                         "precision": "FP (OpenVINO default)" if r["precision"] == "FP32" else r["precision"],
+                         "backend": "openvino-cpu" + ("" if r["precision"] == "FP32" else " (INT8 kernels)"),
+                         "engine": src, "bench_backend": "openvino"})
+    # every engine in its own process per batch, repetitions interleaved (engines.bench); ORT engines at both
+    # optimization levels, each row keeping its faster one ('all' adds NCHWc layouts: ~1.4x on FP32 convolutions)
+    from engines.bench import BenchTarget, row, run_bench
+
+    targets = []
     for i, r in enumerate(rows):
         eng = r.pop("engine", None)
+        be = r.pop("bench_backend", "onnxruntime")
         r["engine_bytes"] = _engine_bytes(eng) if eng else r.get("engine_bytes")
         if r["status"] == "executed":
-            for lvl in ORT_LEVELS:
-                sessions[i, lvl] = make_session(eng, OrtConfig(intra_op_threads=a.threads, provider="cpu",
-                                                               optimization_level=lvl))
+            levels = ("default",) if be == "openvino" else ORT_LEVELS
+            targets += [BenchTarget(f"{i}|{lvl}", be, str(eng), level=lvl if be != "openvino" else "all")
+                        for lvl in levels]
             r["latency"] = {}
+    bench = run_bench(targets, a.batch, reps=a.reps, threads=a.threads, warmup=a.warmup, iters=a.iters)
     for b in a.batch:
-        feeds = {"sample": np.random.default_rng(b).standard_normal((b, c, h, w), dtype=np.float32),
-                 "timestep": np.linspace(1, 999, b).round().astype(np.float32)}
-        ts: dict[tuple, list[float]] = {k: [] for k in sessions}
-        for it in range(a.warmup + a.iters):
-            for k, sess in sessions.items():  # round-robin: every engine sees the same machine load
-                t0 = time.perf_counter()
-                sess.run(None, feeds)
-                if it >= a.warmup:
-                    ts[k].append((time.perf_counter() - t0) * 1e3)
-        for i in {i for i, _ in sessions}:
-            by_level = {lvl: float(np.median(ts[i, lvl])) for lvl in ORT_LEVELS}
-            lvl = min(by_level, key=by_level.get)
-            r, ms = rows[i], by_level[lvl]
-            r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3), "ort_level": lvl,
-                                    "ms_per_call_by_level": {k: round(v, 3) for k, v in by_level.items()},
+        for i, r in enumerate(rows):
+            if r["status"] != "executed":
+                continue
+            by_level = {t.name.split("|")[1]: row(bench, t.name, b) for t in targets if t.name.split("|")[0] == str(i)}
+            lvl = min(by_level, key=lambda k: by_level[k]["median_ms"])
+            ms = by_level[lvl]["median_ms"]
+            r["runtime_precision"] = by_level[lvl]["precision"]
+            r["latency"][str(b)] = {"unet_ms_per_call": round(ms, 3), "level": lvl,
+                                    "spread": by_level[lvl]["spread"],
+                                    "ms_per_call_by_level": {k: v["median_ms"] for k, v in by_level.items()},
                                     **{f"ms_per_image_{s}steps": round(s * ms / b, 2) for s in r["steps"]},
                                     **{f"images_per_s_{s}steps": round(1e3 * b / (s * ms), 3) for s in r["steps"]}}
     if a.relax:
@@ -190,7 +195,8 @@ def main(argv=None) -> int:
     res = {"machine": f"{device_description(torch.device('cpu'))}, {a.threads} threads",
            "model": str(fp.path), "params": sum(p.numel() for p in unet.parameters()),
            "macs_per_call": sum(macs.values()), "onnxruntime": __import__("onnxruntime").__version__,
-           "torch": torch.__version__, "rows": rows, **({"relax": res_relax} if a.relax else {})}
+           "torch": torch.__version__, "rows": rows, **({"relax": res_relax} if a.relax else {}),
+           "bench": {k: v for k, v in bench.items() if k != "rows"}}
     if a.out:
         atomic_write_json(a.out, res, indent=1, sort_keys=False)
     print(markdown(res))

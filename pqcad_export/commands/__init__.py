@@ -2,7 +2,7 @@
 
 import importlib
 
-for _name in ("calibrate", "quantize", "distill", "export", "lint", "engine", "compare", "build", "refstats"):
+for _name in ("calibrate", "quantize", "distill", "export", "lint", "engine", "compare", "build", "refstats", "bench"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as exc:  # a command whose module has not landed yet

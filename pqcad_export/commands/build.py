@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from engines import BACKENDS
+
 from ..cli import MODEL_HELP, friendly, main
 
 
@@ -34,7 +36,8 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--teacher-steps", default=100, show_default=True, help="DDIM steps of the FP / quantized teacher")
 @click.option("--student-steps", default=50, show_default=True, help="DDIM steps of the CAD student (= half)")
 @click.option("--backend", default="auto", show_default=True,
-              help="engine: auto (TensorRT with a GPU, else ONNX Runtime) | tensorrt | onnxruntime")
+              help=f"engine: {' | '.join(BACKENDS)}; auto = TensorRT with a GPU, else the faster of ONNX Runtime and "
+                   "OpenVINO, measured at build time")
 @click.option("--device", default="cpu", show_default=True, help="torch device for calibration/PQ/CAD: cpu | cuda")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--samples", default=None, type=int, help="compare: images per model (quick 100, paper 10000)")

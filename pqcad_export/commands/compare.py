@@ -119,7 +119,8 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
         size = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if f.is_file() and f.name != "engine.json")
         cands = [Candidate(name=f"{eng.backend}-engine", backend=eng.backend, precision="see engine.json",
                            steps=steps, unet=with_cond(eng, teacher.cond), model_bytes=size, scheduler_config=sched,
-                           executed_on=eng.device.type, notes=list(eng.info.notes) + notes)]
+                           executed_on=eng.device.type, notes=list(eng.info.notes) + notes,
+                           extra={"engine_dir": str(engine_dir)})]
         out = out or "report"
     rep = run_compare(teacher, cands, out, cfg, quiet=quiet)
     rep = apply_gates(Path(out) / "compare.json", gate_list) or rep

@@ -464,6 +464,9 @@ def export_unet(unet: nn.Module, out: str | Path, cfg: Optional[ExportConfig] = 
     for extra in list(tmp.parent.glob(tmp.name + "*")):
         extra.unlink()
     _fold_constant_nodes(model)
+    from .graph_cost import fold_concat_slices, remove_dead_initializers
+
+    fold_concat_slices(model)  # split convs read the concatenation's inputs, not slices of it (same values)
     exp = _expectations(model, layers)
     n_int4 = 0
     if use_int4:
@@ -474,6 +477,7 @@ def export_unet(unet: nn.Module, out: str | Path, cfg: Optional[ExportConfig] = 
         if o.domain in ("", "ai.onnx"):
             o.version = final_opset
     model.ir_version = 10 if final_opset >= 21 else 8
+    remove_dead_initializers(model)  # engines warn about every unused initializer
     wmap = _weight_map(model, exp)
     md = {EXPECT_KEY: json.dumps(exp), "pqcad.sample_shape": ",".join(map(str, shape)),
           "pqcad.timestep_dtype": "float32", "pqcad.export": json.dumps(cfg.to_dict()),

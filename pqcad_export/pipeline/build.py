@@ -21,7 +21,7 @@ from .conditional import calib_cond_rows, export_configs
 from .preflight import dry_stage_configs, load_teacher
 from .run_dir import RunDir, stage_key
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+from engines import BACKENDS  # noqa: E402  (one list: engines.Backend)
 
 
 @dataclass
@@ -371,7 +371,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
 
 
 def _precision_label(bits: BitSpec, info) -> str:
-    kern = "int8 kernels" if info.backend in ("onnxruntime", "tensorrt") else info.backend
+    kern = "int8 kernels" if info.backend in ("onnxruntime", "tensorrt", "openvino") else info.backend
     grid = f"{bits.weight_bits}-bit weight grid" if bits.weight_bits != 8 else "int8 weights"
     act = f"int{bits.act_bits} activations" if bits.quantize_activations else "fp activations"
     return f"{bits.name} ({kern}, {grid}, {act})"

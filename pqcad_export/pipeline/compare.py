@@ -18,7 +18,7 @@ import torch
 from ..errors import PqcadError
 from ..model_io import LoadedModel
 from ..sampling import SamplerConfig, TorchUNet, UNetFn, ddim_sample, to_uint8
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write_json
 
 
 @dataclass
@@ -37,6 +37,8 @@ class CompareConfig:
     ref_images: Optional[str] = None     # data images (folder / .npy / .npz): statistics computed once, cached
     fid_weights: Optional[str] = None    # TF-Inception default_1.pt (else $PQCAD_FID_WEIGHTS / installed package)
     no_fid: bool = False                 # skip all Inception work (latency only)
+    fp_references: bool = True           # CPU: also the FP model on ONNX Runtime FP32 and OpenVINO (default prec.)
+    reference_fid: bool = False          # also sample + score those references (costs two more 100-step runs)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CompareConfig":
@@ -192,12 +194,18 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         images["reference"] = to_uint8(ref_imgs)
         reference = _entry("fp32-teacher", "pytorch", "fp32", cfg.teacher_steps, ref_ms, ref_ms_img,
                            _teacher_bytes(teacher))
+        references = [reference] + _engine_references(teacher, out_dir, cfg, shape, device, images, notes, bar, b)
+        from .references import fastest
+
+        best = fastest(references) or reference
         cand_entries = []
         for c in candidates:
             cdev = device if c.executed_on != "cpu" else torch.device("cpu")
             try:
                 adv = bar.task(f"latency, {c.name}", 1)
-                ms = time_unet(c.unet, x_lat.to(cdev), t_lat.to(cdev), None, cfg.warmup, cfg.latency_iters)
+                ms = _isolated_ms(c, cfg) if cdev.type == "cpu" else None
+                if ms is None:
+                    ms = time_unet(c.unet, x_lat.to(cdev), t_lat.to(cdev), None, cfg.warmup, cfg.latency_iters)
                 ms_img = time_sampler(c.unet, c.scheduler_config, shape, c.steps, lb, cfg.eta, cdev, cfg.image_runs)
                 adv(1)
                 imgs = ddim_sample(c.unet, c.scheduler_config, shape, cfg.samples,
@@ -211,8 +219,11 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
                 raise PqcadError(f"candidate {c.name} produced non-finite images")
             images[c.name] = to_uint8(imgs)
             e = _entry(c.name, c.backend, c.precision, c.steps, ms, ms_img, c.model_bytes)
-            e["speedup_vs_reference"] = round(ref_ms_img / ms_img, 3) if ms_img else None
-            e["unet_speedup_vs_reference"] = round(ref_ms / ms, 3) if ms else None
+            e["speedup_vs_reference"] = round(best["ms_per_image"] / ms_img, 3) if ms_img else None
+            e["speedup_reference"] = best["name"]  # the fastest FP reference per image
+            e["unet_speedup_vs_reference"] = (round(best["unet_ms_per_call"] / ms, 3)
+                                              if ms and best["unet_ms_per_call"] else None)
+            e["speedup_vs_pytorch_fp32"] = round(ref_ms_img / ms_img, 3) if ms_img else None
             e["status"] = "executed"
             e.update(c.extra)
             e["notes"] = list(c.notes)
@@ -225,15 +236,20 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             notes.append(f"fid, fid_to_fp32, kid, psnr/ssim_to_fp32: skipped: the UNet samples {shape[0]}-channel "
                          "latents, not images")
         else:
-            fid_features, quality = _score(cfg, images, reference, cand_entries, notes, bar, teacher)
+            scored_refs = [r for r in references[1:] if r["name"] in images]  # FP engines that sampled
+            fid_features, quality = _score(cfg, images, reference, cand_entries + scored_refs, notes, bar, teacher)
+        for e in cand_entries:  # "executed" = ran here and produced images that were scored (architecture.md)
+            if e.get("fid_to_fp32") is None:
+                e["status"] = "ran (images not scored)"
     pair_mse = {e["name"]: e.pop("_pair_mse") for e in cand_entries if "_pair_mse" in e}
     report = {
         "reference": reference, "candidates": cand_entries, "samples": cfg.samples,
+        "references": references, "speedup_reference": best["name"],
         "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
         "batch_size": b, "latency_batch": lb,
         "latency": f"unet_ms_per_call: median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
-        f"calls at batch {lb}; ms_per_image: median of {cfg.image_runs} timed complete DDIM runs (all steps) at "
-        f"batch {lb} after one warm-up run, divided by {lb}",
+        f"calls at batch {lb} (CPU engines: each in its own process); ms_per_image: median of {cfg.image_runs} "
+        f"timed complete DDIM runs (all steps) at batch {lb} after one warm-up run, divided by {lb}",
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if quality is not None:
@@ -267,6 +283,49 @@ def _precision_nulls(e: dict[str, Any]) -> None:
         e[k] = None
     if missing:
         e["notes"].append(f"{', '.join(missing)}: null (no quant.json mixed-precision record for this candidate)")
+
+
+def _engine_references(teacher, out_dir: Path, cfg: CompareConfig, shape, device, images, notes, bar,
+                       b: int) -> list[dict[str, Any]]:
+    """The FP teacher on ONNX Runtime FP32 and OpenVINO (pipeline/references.py), one engine at a time."""
+    if not cfg.fp_references:
+        return []
+    if device.type != "cpu":
+        notes.append("FP engine references (ONNX Runtime, OpenVINO) are CPU engines: not measured on " + device.type)
+        return []
+    from .references import build_references, measure_reference
+
+    out = []
+    for spec, err in build_references(teacher, out_dir / "references", notes):
+        adv = bar.task(f"latency, {spec.name}", 1)
+
+        def sample(eng, name=spec.name):
+            return ddim_sample(eng, teacher.scheduler_config, shape, cfg.samples,
+                               SamplerConfig(steps=cfg.teacher_steps, eta=cfg.eta, batch_size=b, seed=cfg.seed),
+                               device, progress=bar.task(f"{name}, {cfg.teacher_steps} steps", cfg.samples))
+
+        e = measure_reference(spec, err, teacher, cfg, shape, device, time_sampler, _entry,
+                              sample if cfg.reference_fid and not cfg.no_fid else None)
+        if "_images" in e:
+            images[spec.name] = to_uint8(e.pop("_images"))
+        out.append(e)
+        adv(1)
+    return out
+
+
+def _isolated_ms(c: Candidate, cfg: CompareConfig) -> Optional[float]:
+    """Per-call latency of an engine candidate in its own process (engines.bench), None where not applicable."""
+    d = c.extra.get("engine_dir")
+    if not d or c.backend not in ("onnxruntime", "openvino"):
+        return None
+    from engines.bench import BenchTarget, measure_isolated
+
+    try:
+        return measure_isolated(BenchTarget(c.name, "engine", str(d)), cfg.latency_batch, 0, cfg.warmup,
+                                cfg.latency_iters)["median_ms"]
+    except RuntimeError as exc:
+        c.notes.append(f"isolated latency failed, timed in-process instead: {exc}")
+        return None
 
 
 def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:

@@ -1,0 +1,97 @@
+"""`pqcad-export bench`: per-UNet-call latency of engines, each in its own process, interleaved (engines.bench)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import MODEL_HELP, friendly, main
+
+
+@main.command()
+@click.option("--onnx", "onnx_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a QDQ export: timed on OpenVINO and as the ONNX Runtime INT8 engine")
+@click.option("--model", default=None, help=MODEL_HELP + " (its FP ONNX is the FP32 / OpenVINO reference)")
+@click.option("--no-fp", is_flag=True, help="leave out the FP references")
+@click.option("--target", "specs", multiple=True,
+              help="extra NAME=engine|onnxruntime|openvino:PATH[@PRECISION] (an engine dir or an ONNX file)")
+@click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
+@click.option("--reps", default=3, show_default=True, help="interleaved repetitions (one process each)")
+@click.option("--iters", default=50, show_default=True, help="timed calls per process")
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
+@click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
+@click.option("--static", is_flag=True, help="also OpenVINO compiled for each batch's static shape")
+@click.option("--profile", is_flag=True, help="also time per op type (OpenVINO PERF_COUNT, ORT profiler) at the "
+              "largest batch")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
+@friendly
+def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, static, profile,
+          json_out):
+    """Time engines one process per (engine, batch), repetitions interleaved; medians, spread, ISA, threads."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from engines.bench import BenchTarget, run_bench
+
+    from ..errors import PqcadError, UsageError
+    from ..pipeline.references import bench_targets
+
+    con = Console(stderr=True)
+    try:
+        extra = [BenchTarget.parse(s) for s in specs]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    with con.status("preparing engines..."):
+        targets = bench_targets(onnx_file, model, work, fp=not no_fp, static=static) + extra
+    if not targets:
+        raise UsageError("nothing to time: give --onnx, --target, or leave the FP references on")
+    try:
+        with con.status("timing...") as st:
+            rep = run_bench(targets, list(batches), reps=reps, threads=threads, warmup=warmup, iters=iters,
+                            progress=lambda m: st.update(f"timing: {m}"))
+    except (RuntimeError, ValueError) as exc:
+        raise PqcadError(str(exc)) from None
+    t = Table(title=f"ms per UNet call, {rep['cpu_isa'] or rep['cpu']}, {rep['threads']} threads")
+    for col in ("engine", "prec", "batch", "median", "spread", "vs fastest FP"):
+        t.add_column(col)
+    for b in batches:
+        fps = [r for r in rep["rows"] if r["batch"] == b and r["name"].startswith(("fp32-", "fp-"))]
+        best = min((r["median_ms"] for r in fps), default=None)
+        for r in (r for r in rep["rows"] if r["batch"] == b):
+            t.add_row(r["name"], r["precision"], str(b), f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
+                      f"{best / r['median_ms']:.2f}x" if best else "-")
+    Console().print(t)
+    if profile:
+        rep["profile"] = _profile(targets, max(batches), threads)
+        for name, ops in rep["profile"].items():
+            con.print(f"{name}: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops[:6]))
+    if json_out:
+        Path(json_out).write_text(json.dumps(rep, indent=2))
+        con.print(f"wrote {json_out}")
+
+
+def _profile(targets, batch: int, threads: int) -> dict:
+    """Per op type time of each target (after the isolated timing, one at a time in this process)."""
+    from engines.manifest import read_manifest
+    from engines.profile import onnxruntime_ops, openvino_ops
+
+    out = {}
+    for t in targets:
+        backend, path, level, prec = t.backend, t.path, t.level, t.precision
+        if backend == "engine":
+            info = read_manifest(path)
+            backend, path = info.backend, str(info.path)
+            level = (info.options or {}).get("optimization_level", "extended")
+            prec = (info.options or {}).get("precision", "default")
+        if backend == "openvino":
+            out[t.name] = openvino_ops(path, batch, prec, threads)
+        elif backend == "onnxruntime":
+            out[t.name] = onnxruntime_ops(path, batch, level, threads)
+    return out
+

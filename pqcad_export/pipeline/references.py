@@ -1,0 +1,124 @@
+"""compare's FP engine references: the FP teacher at its 100 steps on the engine families a CPU deployment would
+use instead of INT8 (ONNX Runtime FP32 with ORT_ENABLE_ALL, OpenVINO at its default inference precision, which
+is bf16 on an AVX-512 BF16 CPU), so the headline speed-up is measured against the fastest FP engine, not against
+PyTorch. Each reference is timed alone: its per-call latency in its own process (engines.bench), its per-image
+latency with only that engine loaded here.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..errors import PqcadError
+
+
+@dataclass
+class RefSpec:
+    name: str
+    backend: str
+    engine_dir: Path
+
+
+def build_references(teacher, work: Path, notes: list[str]) -> list[tuple[RefSpec, Optional[str]]]:
+    """Export the FP teacher to plain ONNX once and build its ORT FP32 and OpenVINO engines under `work`.
+    Returns (spec, error or None) per reference; an error becomes a null entry with a note."""
+    from engines import EngineError, build_engine
+    from engines.onnxruntime import OrtConfig
+
+    from ..export.fp import export_fp_onnx
+
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_path = work / "fp32.onnx"
+    try:
+        export_fp_onnx(teacher.unet, onnx_path)
+    except PqcadError as exc:
+        notes.append(f"FP engine references: {exc}")
+        return []
+    out = []
+    for name, backend, kw in (("fp32-onnxruntime", "onnxruntime",
+                               {"ort_config": OrtConfig(mode="qdq", optimization_level="all", provider="cpu")}),
+                              ("fp-openvino", "openvino", {})):
+        spec = RefSpec(name, backend, work / backend)
+        try:
+            build_engine(onnx_path, spec.engine_dir, backend, **kw)
+            out.append((spec, None))
+        except (EngineError, PqcadError) as exc:
+            out.append((spec, str(exc)))
+    return out
+
+
+def measure_reference(spec: RefSpec, err: Optional[str], teacher, cfg, shape, device: torch.device,
+                      time_sampler: Callable, entry: Callable, ref_imgs_fn: Optional[Callable]) -> dict[str, Any]:
+    """One compare.json reference entry (name, backend, precision, steps, unet_ms_per_call, ms_per_image, fid,
+    fid_to_fp32, model_bytes, notes); nulls with a note where it could not run."""
+    from engines import load_engine
+    from engines.bench import BenchTarget, measure_isolated
+
+    steps = cfg.teacher_steps
+    if err is not None:
+        e = entry(spec.name, spec.backend, "n/a", steps, None, None, None)
+        e["notes"] = [f"not measured: {err}"]
+        return e
+    eng = load_engine(spec.engine_dir)
+    prec = "fp32"
+    if spec.backend == "openvino":
+        prec = eng.inference_precision
+    size = sum(f.stat().st_size for f in spec.engine_dir.iterdir() if f.is_file() and f.name != "engine.json")
+    notes = []
+    try:
+        ms = measure_isolated(BenchTarget(spec.name, "engine", str(spec.engine_dir)), cfg.latency_batch, 0,
+                              cfg.warmup, cfg.latency_iters)["median_ms"]
+    except RuntimeError as exc:
+        ms = None
+        notes.append(f"unet_ms_per_call: {exc}")
+    ms_img = time_sampler(eng, teacher.scheduler_config, shape, steps, cfg.latency_batch, cfg.eta, device,
+                          cfg.image_runs)
+    e = entry(spec.name, spec.backend, prec, steps, ms, ms_img, size)
+    e["engine_dir"] = str(spec.engine_dir)
+    if ref_imgs_fn is not None:
+        e["_images"] = ref_imgs_fn(eng)
+    else:
+        notes.append("fid, fid_to_fp32: not sampled (latency reference; the same FP weights as the PyTorch FP32 "
+                     "reference, at the engine's precision)")
+    e["notes"] = notes
+    del eng
+    gc.collect()
+    return e
+
+
+def fastest(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The reference with the lowest ms_per_image (ties: listed first)."""
+    timed = [e for e in entries if e.get("ms_per_image")]
+    return min(timed, key=lambda e: e["ms_per_image"]) if timed else None
+
+
+def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True, static: bool = False):
+    """The comparison the project is judged by: the QDQ export on OpenVINO and on the ONNX Runtime INT8 engine,
+    and the FP model (plain ONNX) on ONNX Runtime FP32 and OpenVINO at its default precision."""
+    from engines.bench import BenchTarget
+
+    targets = []
+    if fp:
+        from ..export.fp import export_fp_onnx
+        from ..model_io import load_model
+
+        fp_onnx = export_fp_onnx(load_model(model).unet, workdir / "fp32.onnx")
+        targets += [BenchTarget("fp32-onnxruntime", "onnxruntime", str(fp_onnx), "fp32", "all"),
+                    BenchTarget("fp-openvino", "openvino", str(fp_onnx))]
+        if static:
+            targets.append(BenchTarget("fp-openvino-static", "openvino", str(fp_onnx), static_batch=True))
+    if onnx_file:
+        targets.append(BenchTarget("int8-openvino", "openvino", str(onnx_file)))
+        if static:
+            targets.append(BenchTarget("int8-openvino-static", "openvino", str(onnx_file), static_batch=True))
+        if ort_int8:
+            from engines import build_engine
+
+            build_engine(onnx_file, workdir / "ort_int8", "onnxruntime")
+            targets.append(BenchTarget("int8-onnxruntime", "engine", str(workdir / "ort_int8")))
+    return targets

@@ -1,0 +1,51 @@
+"""engines.bench: every (engine, batch, repetition) is timed in its own process, interleaved; the report carries
+medians, spread, the CPU ISA and the thread count; and the `bench` CLI writes it as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from export_helpers import conv_qdq
+
+from engines.bench import BenchTarget, ratio, run_bench
+from pqcad_export.cli import main
+
+
+@pytest.fixture(scope="module")
+def conv_onnx(tmp_path_factory):
+    import onnx
+
+    p = tmp_path_factory.mktemp("bench") / "conv.onnx"
+    onnx.save(conv_qdq(), str(p))
+    return p
+
+
+def test_each_measurement_runs_in_its_own_process(conv_onnx):
+    pytest.importorskip("openvino", reason="openvino not installed")
+    targets = [BenchTarget("ort", "onnxruntime", str(conv_onnx)), BenchTarget("ov", "openvino", str(conv_onnx))]
+    rep = run_bench(targets, [1, 2], reps=2, threads=1, warmup=1, iters=3)
+    assert rep["threads"] == 1 and rep["reps"] == 2 and "cpu_isa" in rep and rep["versions"]["openvino"]
+    assert {(r["name"], r["batch"]) for r in rep["rows"]} == {(n, b) for n in ("ort", "ov") for b in (1, 2)}
+    pids = [p for r in rep["rows"] for p in r["pids"]]
+    assert len(pids) == 8 == len(set(pids)) and os.getpid() not in pids  # 2 targets x 2 batches x 2 reps
+    for r in rep["rows"]:
+        assert len(r["rep_medians_ms"]) == 2 and r["median_ms"] > 0 and r["spread"] >= 0
+    assert rep["rows"][0]["precision"] == "int8" and rep["rows"][2]["precision"].startswith("int8+")
+    assert ratio(rep, "ort", "ov", 2) == pytest.approx(
+        next(r["median_ms"] for r in rep["rows"] if r["name"] == "ort" and r["batch"] == 2)
+        / next(r["median_ms"] for r in rep["rows"] if r["name"] == "ov" and r["batch"] == 2), rel=1e-2)
+
+
+def test_bench_cli_json_and_bad_target(conv_onnx, tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "--no-fp", "--target", f"c=onnxruntime:{conv_onnx}", "--batch", "1",
+                                  "--reps", "1", "--iters", "2", "--warmup", "1", "--threads", "1",
+                                  "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    assert rep["rows"][0]["name"] == "c" and rep["rows"][0]["median_ms"] > 0
+    r = CliRunner().invoke(main, ["bench", "--no-fp", "--target", "nonsense"])
+    assert r.exit_code == 2
