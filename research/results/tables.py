@@ -25,6 +25,16 @@ ROW_LABELS = [
     ("cad-{b}-pq-kl", "PQ + CAD-KL, 50 steps"),
     ("cad-{b}-pq-em-fpkd", "PQCAD, KD target from the FP model (--kd-teacher fp), 50 steps"),
 ]
+# issue 21: the sensitivity-driven mixed-precision plan (quantize/plan.py, default budgets) on every row
+MP_LABELS = [
+    ("fp32-100", "FP32, 100 steps"),
+    ("quant-{b}-rtn-mp", "round-to-nearest + MSE scales (nothing learned), 100 steps"),
+    ("quant-{b}-direct-mp", "direct (learned), 100 steps"),
+    ("quant-{b}-pq-mp", "PQ (learned), 100 steps"),
+    ("quant-{b}-pq-mp-50steps", "PQ sampled with 50 DDIM steps (no distillation)"),
+    ("cad-{b}-pq-mp-em", "**PQCAD** (PQ + CAD-EM), 50 steps"),
+    ("cad-{b}-pq-mp-em-fpkd", "PQCAD, KD target from the FP model (--kd-teacher fp), 50 steps"),
+]
 ABLATION_LABELS = [
     ("quant-w4a8-pq", "uniform calibration, block reconstruction"),
     ("quant-w4a8-pq-ndtc", "NDTC calibration (PTQ4DM)"),
@@ -62,6 +72,9 @@ def cmd_tables(args) -> int:
     for b in BITS:
         out += [f"\n**{b.upper()}**\n", head]
         out += [_metric_row(lab, score(key.format(b=b))) for key, lab in ROW_LABELS]
+    for b in BITS:
+        out += [f"\n**{b.upper()} with the mixed-precision plan (--mixed-precision auto, default budgets)**\n", head]
+        out += [_metric_row(lab, score(key.format(b=b))) for key, lab in MP_LABELS]
     out += ["\n**CAD calibration loss (W4A8, PQ teacher, 50 steps)**\n", head]
     out += [_metric_row(f"CAD-{loss}", score(f"cad-w4a8-pq-{loss}")) for loss in CAD_LOSSES_ABLATION]
     out += ["\n**Calibration and reconstruction (W4A8 PQ)**\n", head]
