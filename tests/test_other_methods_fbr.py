@@ -16,7 +16,7 @@ from pqcad_export.model_io import load_model
 from pqcad_export.quantize import ReconConfig, load_quantized, quantize_model
 from pqcad_export.quantize.blocks import call_unet, find_units
 from pqcad_export.quantize.fbr import FbrUnitContext, fbr_loss
-from pqcad_export.quantize.reconstruction import capture_inputs, capture_targets
+from pqcad_export.quantize.capture import capture_inputs, capture_targets
 from pqcad_export.quantize.wrap import wrap_unet
 
 
@@ -84,11 +84,11 @@ def test_fbr_loss_is_block_plus_gamma_layer_terms(tiny_unet_dir):
     assert torch.allclose(fbr_loss(block, [q_out[n] for n in names], [fp_out[n] for n in names], gamma), expect)
 
 
-def test_recon_config_validation_and_fingerprint():
+def test_recon_config_validation_and_key_dict():
     base = ReconConfig.preset("quick")
     assert base.recon_loss == "block" and base.fbr_gamma == 0.8
-    assert "recon_loss" not in base.fingerprint()  # block: fingerprints of existing runs unchanged
-    f = ReconConfig.preset("quick", recon_loss="fbr").fingerprint()
+    assert "recon_loss" not in base.key_dict()  # block: fingerprints of existing runs unchanged
+    f = ReconConfig.preset("quick", recon_loss="fbr").key_dict()
     assert f["recon_loss"] == "fbr" and f["fbr_gamma"] == 0.8
     with pytest.raises(UsageError, match="recon-loss"):
         ReconConfig.preset("quick", recon_loss="layer")
