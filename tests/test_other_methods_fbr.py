@@ -96,6 +96,35 @@ def test_recon_config_validation_and_key_dict():
         ReconConfig.preset("quick", qdrop_prob=1.5)
 
 
+# resume keys (sha256 of key_dict) computed at main c61f324 with the then ReconConfig.fingerprint(): a change here
+# would make every existing checkpoint and build stage recompute
+KEY_AT_MAIN = {("quick", False): "0493bbc04e2eebbe", ("paper", False): "f5d5b72d7db0b130",
+               ("quick", True): "1d933d2c17583d2d", ("paper", True): "33a33bde04ddbd93"}
+
+
+@pytest.mark.parametrize("preset,options", list(KEY_AT_MAIN))
+def test_recon_resume_key_unchanged(preset, options):
+    import hashlib
+
+    kw = dict(recon_loss="fbr", mixed_precision="auto", first_last_bits=None, act_init="percentile") if options else {}
+    cfg = ReconConfig.preset(preset, **kw)
+    if options:
+        assert cfg.first_last_bits is None  # None overrides are settings here, not "unset"
+    got = hashlib.sha256(json.dumps(cfg.key_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    assert got == KEY_AT_MAIN[(preset, options)]
+
+
+def test_schedules_and_losses_register():
+    from pqcad_export.quantize import METHODS
+    from pqcad_export.quantize.driver import quantize_model as _  # noqa: F401  (imports every registrant)
+    from pqcad_export.quantize.schedules import LOSSES, SCHEDULES, get_schedule
+
+    assert set(SCHEDULES) == set(METHODS) and set(LOSSES) == {"block", "fbr"}
+    assert get_schedule("rtn").learns is False and get_schedule("pq").learns is True
+    with pytest.raises(UsageError, match="--method 'adaround'"):
+        get_schedule("adaround")
+
+
 def test_quantize_model_with_fbr_runs_and_differs(tiny_unet_dir):
     lm = load_model(tiny_unet_dir)
     calib = _calib(lm, n=8)
