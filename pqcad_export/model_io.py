@@ -36,14 +36,11 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-@dataclass
-class LoadedModel:
+class UNetShapeMixin:
+    """What callers ask of any held diffusers UNet (`self.unet`, `self.class_name`): conditional? sample shape?"""
+
     unet: torch.nn.Module
-    scheduler_config: dict[str, Any]
-    path: Path
-    fingerprint: str
     class_name: str
-    cond: Optional[Any] = None  # conditioning.Conditioning of a run (conditional UNets only)
 
     @property
     def is_conditional(self) -> bool:
@@ -54,6 +51,16 @@ class LoadedModel:
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
+
+
+@dataclass
+class LoadedModel(UNetShapeMixin):
+    unet: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    path: Path
+    fingerprint: str
+    class_name: str
+    cond: Optional[Any] = None  # conditioning.Conditioning of a run (conditional UNets only)
 
 
 def _unet_dir(path: Path) -> Path:

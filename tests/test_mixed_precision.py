@@ -18,7 +18,7 @@ from pqcad_export.errors import UsageError
 from pqcad_export.model_io import load_model
 from pqcad_export.quantize import ReconConfig, load_quantized, quantize_model, save_quantized
 from pqcad_export.quantize.plan import MixedPrecision, MixedPrecisionPlan, PlanConfig, decide_plan
-from pqcad_export.quantize.reconstruction import collect_calibration
+from pqcad_export.quantize.capture import collect_calibration
 from pqcad_export.quantize.sensitivity import measure_sensitivity
 
 

@@ -16,7 +16,7 @@ from pqcad_export.model_io import load_model
 from pqcad_export.quantize import ReconConfig, load_quantized, quantize_model
 from pqcad_export.quantize.blocks import call_unet, find_units
 from pqcad_export.quantize.fbr import FbrUnitContext, fbr_loss
-from pqcad_export.quantize.reconstruction import capture_inputs, capture_targets
+from pqcad_export.quantize.capture import capture_inputs, capture_targets
 from pqcad_export.quantize.wrap import wrap_unet
 
 
@@ -84,16 +84,45 @@ def test_fbr_loss_is_block_plus_gamma_layer_terms(tiny_unet_dir):
     assert torch.allclose(fbr_loss(block, [q_out[n] for n in names], [fp_out[n] for n in names], gamma), expect)
 
 
-def test_recon_config_validation_and_fingerprint():
+def test_recon_config_validation_and_key_dict():
     base = ReconConfig.preset("quick")
     assert base.recon_loss == "block" and base.fbr_gamma == 0.8
-    assert "recon_loss" not in base.fingerprint()  # block: fingerprints of existing runs unchanged
-    f = ReconConfig.preset("quick", recon_loss="fbr").fingerprint()
+    assert "recon_loss" not in base.key_dict()  # block: fingerprints of existing runs unchanged
+    f = ReconConfig.preset("quick", recon_loss="fbr").key_dict()
     assert f["recon_loss"] == "fbr" and f["fbr_gamma"] == 0.8
     with pytest.raises(UsageError, match="recon-loss"):
         ReconConfig.preset("quick", recon_loss="layer")
     with pytest.raises(UsageError, match="qdrop"):
         ReconConfig.preset("quick", qdrop_prob=1.5)
+
+
+# resume keys (sha256 of key_dict) computed at main c61f324 with the then ReconConfig.fingerprint(): a change here
+# would make every existing checkpoint and build stage recompute
+KEY_AT_MAIN = {("quick", False): "0493bbc04e2eebbe", ("paper", False): "f5d5b72d7db0b130",
+               ("quick", True): "1d933d2c17583d2d", ("paper", True): "33a33bde04ddbd93"}
+
+
+@pytest.mark.parametrize("preset,options", list(KEY_AT_MAIN))
+def test_recon_resume_key_unchanged(preset, options):
+    import hashlib
+
+    kw = dict(recon_loss="fbr", mixed_precision="auto", first_last_bits=None, act_init="percentile") if options else {}
+    cfg = ReconConfig.preset(preset, **kw)
+    if options:
+        assert cfg.first_last_bits is None  # None overrides are settings here, not "unset"
+    got = hashlib.sha256(json.dumps(cfg.key_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    assert got == KEY_AT_MAIN[(preset, options)]
+
+
+def test_schedules_and_losses_register():
+    from pqcad_export.quantize import METHODS
+    from pqcad_export.quantize.driver import quantize_model as _  # noqa: F401  (imports every registrant)
+    from pqcad_export.quantize.schedules import LOSSES, SCHEDULES, get_schedule
+
+    assert set(SCHEDULES) == set(METHODS) and set(LOSSES) == {"block", "fbr"}
+    assert get_schedule("rtn").learns is False and get_schedule("pq").learns is True
+    with pytest.raises(UsageError, match="--method 'adaround'"):
+        get_schedule("adaround")
 
 
 def test_quantize_model_with_fbr_runs_and_differs(tiny_unet_dir):

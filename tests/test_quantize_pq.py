@@ -16,7 +16,8 @@ from pqcad_export.quantize.blocks import Unit
 from pqcad_export.quantize.layers import QuantLinear
 from pqcad_export.quantize.progressive import TransitionDetector, delta_pert, plot_loss_curve, tau_bits
 from pqcad_export.quantize.quantizers import mse_channel_scale
-from pqcad_export.quantize.reconstruction import Captured, UnitContext
+from pqcad_export.quantize.capture import Captured
+from pqcad_export.quantize.unit_optimizer import UnitContext
 
 
 # ---- Alg. 3 detector -------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
     from ..quantize.plan import plan_overrides
 
     for k, v in plan_overrides(cfg.mixed_precision, cfg.fp_budget, cfg.w8_budget).items():
-        qover.setdefault(k, v)  # the plan and its budgets enter the quant stage key via rcfg.fingerprint()
+        qover.setdefault(k, v)  # the plan and its budgets enter the quant stage key via rcfg.key_dict()
     pcr = {}
     if cfg.calib_strategy == "pcr":  # PCR quantizes between stages: same bits, method and settings as stage 2
         pcr = {"pcr_bits": bits.name, "pcr_method": cfg.method, "pcr_preset": cfg.preset, "pcr_recon": qover}
@@ -219,7 +219,7 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         return {"bits": bits.name, "method": cfg.method,
                 "_resume": {"resumed": reused > 0, "reused_blocks": reused, "blocks": len(qm.log["units"])}}
 
-    stage(2, "quant", stage_key("quant", keys["calib"], bits.name, cfg.method, rcfg.fingerprint(), cfg.seed),
+    stage(2, "quant", stage_key("quant", keys["calib"], bits.name, cfg.method, rcfg.key_dict(), cfg.seed),
           ("quant/quant.json",), do_quant, f"{bits.name} block reconstruction, method {cfg.method}")
     if cfg.stop_after == "quant":
         return _summary(cfg, run, t_all)

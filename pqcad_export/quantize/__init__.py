@@ -4,8 +4,9 @@ Public entry points: `quantize_model`, `ReconConfig`, `save_quantized`, `load_qu
 """
 
 from .model import QuantizedModel
-from .reconstruction import METHODS, PQConfig, ReconConfig, quantize_model
+from .config import METHODS, ActInit, Method, PQConfig, ReconConfig, ReconLoss
+from .driver import quantize_model
 from .saved import load_quantized, save_quantized
 
-__all__ = ["METHODS", "PQConfig", "QuantizedModel", "ReconConfig", "load_quantized", "quantize_model",
+__all__ = ["METHODS", "ActInit", "Method", "PQConfig", "QuantizedModel", "ReconConfig", "ReconLoss", "load_quantized", "quantize_model",
            "save_quantized"]

@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from .progressive import tau_bits
-from .reconstruction import UnitContext
+from .config import Method
+from .schedules import register_schedule
+from .unit_optimizer import UnitContext
 
 
 def stage_bits(kappa: list[int], stages: int = 0) -> list[list[int]]:
@@ -18,6 +20,7 @@ def stage_bits(kappa: list[int], stages: int = 0) -> list[list[int]]:
     return [[t - round(s * (t - k) / (n - 1)) for t, k in zip(tau, kappa)] for s in range(n)]
 
 
+@register_schedule(Method.BITSHRINK)
 def bitshrink_schedule(ctx: UnitContext) -> dict[str, Any]:
     plan = stage_bits(ctx.final_bits, ctx.cfg.bitshrink_stages)
     budget = ctx.cfg.iters

@@ -20,9 +20,11 @@ from torch import nn
 
 from ..errors import PqcadError
 from .blocks import Unit, call_unet, first_tensor
-from .reconstruction import UnitContext
+from .config import ReconLoss
+from .schedules import register_loss
+from .unit_optimizer import UnitContext
 
-RECON_LOSSES = ("block", "fbr")
+RECON_LOSSES = tuple(x.value for x in ReconLoss)
 FBR_GAMMA_DEFAULT = 0.8
 
 
@@ -112,8 +114,9 @@ class _LayerTap:
         self._hooks = []
 
 
+@register_loss(ReconLoss.FBR)
 class FbrUnitContext(UnitContext):
-    """A `reconstruction.UnitContext` whose `rec_loss` is the FBR loss (see module docstring)."""
+    """A `unit_optimizer.UnitContext` whose `rec_loss` is the FBR loss (see module docstring)."""
 
     def __init__(self, model: nn.Module, unit: Unit, inputs, target: torch.Tensor, fisher_w, cfg, device,
                  seed: int, progress=None, *, fp_model: nn.Module, calib: dict[str, torch.Tensor]):
@@ -123,6 +126,11 @@ class FbrUnitContext(UnitContext):
         self.layer_targets = capture_layer_targets(fp_model, self.layer_names, unit.exit, calib,
                                                    cfg.capture_batch_size)
         self._tap = _LayerTap(model, self.layer_names)
+
+    @classmethod
+    def create(cls, model, unit, inputs, target, fisher_w, cfg, device, seed, progress=None, *, fp_model, calib):
+        return cls(model, unit, inputs, target, fisher_w, cfg, device, seed, progress, fp_model=fp_model,
+                   calib=calib)
 
     def run(self, idx) -> torch.Tensor:
         with self._tap:

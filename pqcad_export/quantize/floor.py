@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import Method
+from .schedules import register_schedule
+
 
 def _nearest_alpha(m) -> torch.Tensor:
     """AdaRound alpha whose hard rounding (floor + [alpha >= 0]) equals round-to-nearest exactly."""
@@ -53,10 +56,8 @@ def restore(ctx, state: RtnState, act_quantizers: list) -> None:
         q.scale.data = s.clone()
 
 
+@register_schedule(Method.RTN, learns=False)  # the driver skips the LSQ phase
 def rtn_schedule(ctx) -> dict[str, Any]:
     """Method `rtn`: round-to-nearest + MSE scales, nothing learned (activation steps are not optimised either)."""
     set_nearest(ctx)
     return {"bits_start": ctx.final_bits, "transition_iter": None}
-
-
-rtn_schedule.learns = False  # _reconstruct_unit skips the LSQ phase

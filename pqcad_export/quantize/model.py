@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ..bits import BitSpec
+from ..model_io import UNetShapeMixin
 from .wrap import attn_processors, quant_layers
 
 
 @dataclass
-class QuantizedModel:
+class QuantizedModel(UNetShapeMixin):
     unet: nn.Module                      # diffusers UNet whose Conv2d/Linear are Quant* wrappers (frozen)
     bits: BitSpec
     method: str                          # "direct" | "pq" | "bitshrink" | "rtn"
@@ -32,16 +33,6 @@ class QuantizedModel:
     @property
     def class_name(self) -> str:
         return self.meta.get("class_name", type(self.unet).__name__)
-
-    @property
-    def is_conditional(self) -> bool:
-        return self.class_name == "UNet2DConditionModel"
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
 
     def quant_layers(self) -> Iterator[tuple[str, nn.Module]]:
         """(name, QuantConv2d | QuantLinear | SplitQuantConv2d)."""

@@ -11,7 +11,9 @@ import math
 from collections import deque
 from typing import Any, Optional
 
-from .reconstruction import UnitContext
+from .config import Method
+from .schedules import register_schedule
+from .unit_optimizer import UnitContext
 
 
 class TransitionDetector:
@@ -47,7 +49,9 @@ def tau_bits(kappa: int) -> int:
     return min(2 * int(kappa), 16)
 
 
+@register_schedule(Method.PQ)
 def pq_schedule(ctx: UnitContext) -> dict[str, Any]:
+    """Alg. 2: AdaRound at tau bits until the detector fires (or the forced fraction), then kappa."""
     cfg, pq = ctx.cfg, ctx.cfg.pq
     kappa = ctx.final_bits
     tau = [tau_bits(k) for k in kappa]

@@ -95,7 +95,24 @@ def mse_tensor_scale(x: torch.Tensor, bits: int, grid: int = 80, lo: float = 0.0
     return best.reshape(())
 
 
-class WeightQuantizer(nn.Module):
+class _SymmetricQuantizer(nn.Module):
+    """`bits` (validated) and the signed integer range [qmin, qmax] both quantizers clamp to."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = int(bits)
+        qrange(self.bits)
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits)[1]
+
+
+class WeightQuantizer(_SymmetricQuantizer):
     """Per-output-channel symmetric weight quantizer with AdaRound learned rounding.
 
     Modes: "nearest" (round-to-nearest), "soft" (floor + h(alpha), differentiable), "hard" (floor + [alpha >= 0]).
@@ -103,9 +120,7 @@ class WeightQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, channel_axis: int = 0):
-        super().__init__()
-        self.bits = int(bits)
-        qrange(self.bits)
+        super().__init__(bits)
         self.channel_axis = channel_axis
         self.mode = "nearest"
         self.frozen = False
@@ -117,14 +132,6 @@ class WeightQuantizer(nn.Module):
         shape = [1] * w.dim()
         shape[self.channel_axis] = -1
         return shape
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits)[1]
 
     # -- initialisation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,7 +208,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, axis={self.channel_axis}, mode={self.mode}, frozen={self.frozen}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_SymmetricQuantizer):
     """Per-tensor symmetric LSQ activation quantizer; identity while disabled.
 
     `calibrating=True` makes it record a subsample of its inputs (for `init_from_data`) and pass them unchanged.
@@ -209,9 +216,7 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, enabled: bool = True):
-        super().__init__()
-        self.bits = int(bits)
-        qrange(self.bits)
+        super().__init__(bits)
         self.enabled = bool(enabled)
         self.scale = nn.Parameter(torch.ones(()), requires_grad=True)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -221,14 +226,6 @@ class ActQuantizer(nn.Module):
         self._samples: list[torch.Tensor] = []
         self.max_samples = 1 << 18
         self._draws = 0  # seeds the calibration subsampling: call i of this quantizer draws with seed i
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:

@@ -14,7 +14,7 @@ import torch
 from ..bits import parse_bits
 from ..errors import PqcadError
 from .model import QuantizedModel
-from .reconstruction import atomic_save_tensors, atomic_write_json
+from .checkpoints import atomic_save_tensors, atomic_write_json
 from .wrap import freeze_all, layer_specs, rebuild_from_specs
 
 FORMAT = "pqcad-quantized-unet"

@@ -74,7 +74,7 @@ def job_quant(ctx: Ctx, job: Job) -> dict[str, Any]:
 
         plot_loss_curve(qm.log, out / "transition_curve.png")
     return {"geomean_pert": qm.log.get("geomean_pert"), "seconds": round(time.time() - t0, 1),
-            "transitions": _transitions(qm.log), "recon": cfg.fingerprint() | {"pq": asdict(cfg.pq)}}
+            "transitions": _transitions(qm.log), "recon": cfg.key_dict() | {"pq": asdict(cfg.pq)}}
 
 
 def _transitions(log: dict) -> dict[str, Any]:
