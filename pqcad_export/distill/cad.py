@@ -69,7 +69,7 @@ def run_cad(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcSource
     samples and the teacher's (and, given `fp_unet`, the FP model's) 100-step samples of the same noise, before
     (= the teacher sampled with 50 steps) and after distillation.
     """
-    from ..metrics._progress import Progress
+    from ..progress import Progress
 
     cfg.validate()
     device = torch.device(device)

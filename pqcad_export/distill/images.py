@@ -28,7 +28,7 @@ def images_from_model(unet_fn: Callable, scheduler_config: dict[str, Any], shape
                       cond=None) -> torch.Tensor:
     """Data-free training images: n samples of a model with the DDIM sampler (seeded); image i is drawn with
     conditioning row i (mod N) of `cond`, the row CAD pairs it with."""
-    from ..metrics._progress import Progress
+    from ..progress import Progress
     from ..sampling import SamplerConfig, ddim_sample
 
     with Progress(n, f"CAD: sampling {n} training images ({steps} steps)", not quiet) as bar:

@@ -229,7 +229,6 @@ class _Trainer:
         torch.set_rng_state(ck["torch_rng"])
 
 
-
 def cad_trainer(teacher: nn.Module, scheduler_config: dict[str, Any], cdc: CdcBank, cfg: CadConfig,
                 images: torch.Tensor, device: torch.device) -> _Trainer:
     """CAD's training loop object (KD batches, losses, optimiser) without running it: for studies of the loss."""

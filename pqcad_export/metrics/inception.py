@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PqcadError
-from ._progress import Progress, ProgressArg
+from ..progress import Progress, ProgressArg
 
 WEIGHTS_ENV = "PQCAD_FID_WEIGHTS"
 WEIGHTS_FILE = "default_1.pt"
