@@ -15,7 +15,6 @@ MatMul/Gemm with quantized inputs still fuse into MatMulIntegerToFloat).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -142,9 +141,7 @@ class OrtEngine(Engine):
     @classmethod
     def from_onnx(cls, onnx_path: str | Path, cfg: Optional[OrtConfig] = None,
                   out_dir: Optional[str | Path] = None) -> "OrtEngine":
-        out_dir = out_dir or tempfile.mkdtemp(prefix="pqcad_ort_")
-        build_ort_engine(onnx_path, out_dir, cfg)
-        return cls(out_dir)
+        return cls._built(build_ort_engine, onnx_path, cfg, out_dir, "pqcad_ort_")
 
     def feeds(self, sample, timestep, encoder_hidden_states=None) -> dict[str, np.ndarray]:
         names = self.info.input_names
