@@ -22,18 +22,19 @@ class CadConfig(ConfigBase):
     batch_size: int = 128           # training images per update (Salimans & Ho)
     lr: float = 5e-5                # Adam lr of the grid latents, biases and norms (chosen, linear decay to 0)
     lr_act: float = 1e-4            # Adam lr of the LSQ activation step sizes (chosen)
-    lr_decay: str = LrDecay.LINEAR.value        # linear | constant
+    lr_decay: str = LrDecay.LINEAR.value  # linear | constant
     grad_clip: float = 1.0          # global grad-norm clip (0 = off)
-    kd_target: str = KdTarget.SAMPLER.value      # KD error: sampler = the student's clipped DDIM step vs the teacher's z_t''
-    #                                 (rescaled; equals Eq. (8)'s x-error when nothing is clipped) | x = Eq. (8) as is
-    kd_weighting: str = KdWeighting.TRUNCATED_SNR.value  # w(lambda_t) of Eq. (8): truncated_snr = max(SNR,1) | snr (= eps MSE)
-    kd_teacher: str = KdTeacher.QUANTIZED.value   # whose two DDIM steps the student learns: quantized = the PQ model (Alg. 4) |
-    #                                 fp = the FP model it was made from (the student stays quantized); see RESULTS
-    calib_loss: str = CalibLoss.EM.value          # em | swd | kl | jsd | cos | none (second term of Eq. (8))
+    kd_target: str = KdTarget.SAMPLER.value  # KD error: sampler = the student's clipped DDIM step vs the teacher's
+    #                                 z_t'' (rescaled; equals Eq. (8)'s x-error when nothing is clipped) | x = Eq. (8)
+    kd_weighting: str = KdWeighting.TRUNCATED_SNR.value  # w(lambda_t) of Eq. (8): truncated_snr = max(SNR,1) |
+    #                                 snr (= eps MSE)
+    kd_teacher: str = KdTeacher.QUANTIZED.value  # whose two DDIM steps the student learns: quantized = the PQ model
+    #                                 (Alg. 4) | fp = the FP model it was made from (the student stays quantized)
+    calib_loss: str = CalibLoss.EM.value  # em | swd | kl | jsd | cos | none (second term of Eq. (8))
     lam: float = 1.0                # lambda of Eq. (8) (chosen: both terms are per-element squared x-space
     #                                 errors, so 1 weighs them alike where w(lambda_t)=SNR; the log has both)
     cdc_batch: int = 32             # C_DC rows of the matching step per update (all of them when fewer)
-    cdc_space: str = CdcSpace.X0.value           # x0: student x0-prediction vs C_DC "x0_pred"; eps: vs "model_output"
+    cdc_space: str = CdcSpace.X0.value  # x0: student x0-prediction vs C_DC "x0_pred"; eps: vs "model_output"
     swd_projections: int = 128      # projections of the sliced-Wasserstein variant
     teacher_steps: int = 100        # the quantized teacher's DDIM steps; the student gets half
     n_train_images: int = 5_000     # data-free: FP 100-step samples drawn once (or a dataset's first N)
