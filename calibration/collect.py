@@ -18,12 +18,13 @@ import torch
 
 from pqcad_export.errors import UsageError
 from pqcad_export.model_io import LoadedModel
+from pqcad_export.progress import progress_bar
 
 from .config import CalibConfig
 from .distill_set import collect_cdc
 from .storage import ShardWriter
 from .strategies import get_strategy
-from .trajectories import cqc_meta, progress_bar, resolve_cond, run_trajectories, step_rows
+from .trajectories import cqc_meta, resolve_cond, run_trajectories, step_rows
 
 
 def collect_cqc(model: LoadedModel, cfg: CalibConfig, out_dir: str | Path, device: str | torch.device = "cpu",

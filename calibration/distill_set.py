@@ -20,10 +20,11 @@ import torch
 from pqcad_export.errors import PqcadError, UsageError
 from pqcad_export.model_io import LoadedModel
 from pqcad_export.sampling import make_scheduler
+from pqcad_export.progress import progress_bar
 
 from .config import CalibConfig
 from .storage import ShardWriter
-from .trajectories import conditioning_meta, model_meta, progress_bar, resolve_cond, run_trajectories, step_rows
+from .trajectories import conditioning_meta, model_meta, resolve_cond, run_trajectories, step_rows
 
 DC_FIELDS = {
     "sample": "z_t: the noisy input at this teacher step, drawn from a stochastic (eta=dc_eta) FP trajectory",

@@ -22,11 +22,12 @@ import torch
 from pqcad_export.errors import PqcadError, UsageError
 from pqcad_export.model_io import LoadedModel
 from pqcad_export.sampling import TorchUNet, UNetFn
+from pqcad_export.progress import progress_bar
 
 from .config import CalibConfig
 from .storage import ShardWriter
 from .strategies import Strategy, StrategyName, Uniform, get_strategy, register_strategy
-from .trajectories import cqc_meta, model_meta, progress_bar, resolve_cond, run_trajectories, step_rows
+from .trajectories import cqc_meta, model_meta, resolve_cond, run_trajectories, step_rows
 
 
 @register_strategy

@@ -7,8 +7,7 @@ calibration set shares.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -22,18 +21,6 @@ if TYPE_CHECKING:
 
 # on_call(step_index, t[B], z_t[B,...], cond[B,...] | None, model_output[B,...], trajectory_ids[B])
 CallHook = Callable[[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, np.ndarray], None]
-
-
-@contextmanager
-def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over `total` units; yields advance(k). quiet=True shows nothing."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), disable=quiet) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda k: prog.advance(task, k)
 
 
 def make_conditioning(model: LoadedModel, n: int, cfg: "CalibConfig") -> Optional[torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 from .base import Engine, LatencyStats
-from .manifest import EngineInfo, read_manifest
+from .manifest import EngineInfo, engine_bytes, read_manifest
 
 
 class Backend(str, enum.Enum):
@@ -143,5 +143,5 @@ def load_engine(engine_dir: str | Path, **kwargs) -> Engine:
         raise EngineError(str(exc)) from None
 
 
-__all__ = ["Backend", "Engine", "EngineInfo", "EngineError", "LatencyStats", "BACKENDS", "CPU_FASTEST", "build_engine", "load_engine",
+__all__ = ["Backend", "Engine", "EngineInfo", "EngineError", "engine_bytes", "LatencyStats", "BACKENDS", "CPU_FASTEST", "build_engine", "load_engine",
            "resolve_backend", "gpu_available"]

@@ -113,6 +113,17 @@ class Engine(ABC):
 
     info: EngineInfo
 
+    @classmethod
+    def _built(cls, build: Callable[..., object], onnx_path: str | Path, cfg, out_dir: Optional[str | Path],
+               prefix: str):
+        """Build an engine directory from ONNX with `build` (in a fresh temporary directory unless `out_dir`) and
+        load it: what every backend's `from_onnx` does."""
+        import tempfile
+
+        out_dir = out_dir or tempfile.mkdtemp(prefix=prefix)
+        build(onnx_path, out_dir, cfg)
+        return cls(out_dir)
+
     @property
     def backend(self) -> str:
         return self.info.backend

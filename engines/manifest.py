@@ -86,3 +86,9 @@ def read_manifest(engine_dir: str | Path) -> EngineInfo:
     info = EngineInfo(**{k: v for k, v in d.items() if k in known})
     info.directory = str(Path(engine_dir))
     return info
+
+
+def engine_bytes(engine_dir: str | Path) -> int:
+    """Size of a built engine on disk: every file of its directory but the manifest (the one definition the
+    compare reports' `model_bytes` use)."""
+    return sum(f.stat().st_size for f in Path(engine_dir).iterdir() if f.is_file() and f.name != MANIFEST_NAME)

@@ -185,11 +185,7 @@ class OvEngine(Engine):
     @classmethod
     def from_onnx(cls, onnx_path: str | Path, cfg: Optional[OvConfig] = None,
                   out_dir: Optional[str | Path] = None) -> "OvEngine":
-        import tempfile
-
-        out_dir = out_dir or tempfile.mkdtemp(prefix="pqcad_ov_")
-        build_ov_engine(onnx_path, out_dir, cfg)
-        return cls(out_dir)
+        return cls._built(build_ov_engine, onnx_path, cfg, out_dir, "pqcad_ov_")
 
     @property
     def inference_precision(self) -> str:

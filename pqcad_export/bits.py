@@ -35,3 +35,8 @@ def parse_bits(text: str) -> BitSpec:
     if not m or t not in SUPPORTED:
         raise UsageError(f"unsupported --bits '{text}': expected one of {', '.join(SUPPORTED)}")
     return BitSpec(int(m.group(1)), int(m.group(2)))
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    """Bytes of `numel` integers packed at `bits` each (the deployable size of a k-bit weight tensor)."""
+    return (int(numel) * int(bits) + 7) // 8

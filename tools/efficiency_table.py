@@ -93,11 +93,13 @@ def gbops(macs: dict[str, int], bits: dict[str, tuple[int, int]]) -> float:
 
 def weight_bytes(unet: torch.nn.Module, bits: dict[str, tuple[int, int]]) -> int:
     """Integer weights packed at their bit width + one FP32 scale per output channel; everything else FP32."""
+    from pqcad_export.bits import packed_bytes
+
     total = 0
     for name, m in unet.named_modules():
         for pname, p in m.named_parameters(recurse=False):
             if pname == "weight" and name in bits and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                total += (p.numel() * bits[name][0] + 7) // 8 + 4 * p.shape[0]
+                total += packed_bytes(p.numel(), bits[name][0]) + 4 * p.shape[0]
             else:
                 total += 4 * p.numel()
     return total

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from pqcad_export.data import load_images
     from pqcad_export.metrics import InceptionFeatures, feature_stats, fid_from_stats, reference_stats
-    from pqcad_export.metrics._progress import Progress
+    from pqcad_export.progress import Progress
     from pqcad_export.model_io import load_model
     from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample, to_uint8
 

@@ -7,6 +7,8 @@ import click
 from engines import BACKENDS
 
 from ..cli import MODEL_HELP, friendly, main
+from ..config_base import choices
+from ..distill.choices import CalibLoss, KdTeacher
 
 
 @main.command()
@@ -27,9 +29,9 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--calib-strategy", default="uniform", show_default=True,
               help="C_QC selection: uniform | ndtc | tdac | pcr (see `calibrate --help`)")
 @click.option("--calib-loss", default="em", show_default=True,
-              type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]), help="CAD calibration loss")
+              type=click.Choice(choices(CalibLoss)), help="CAD calibration loss")
 @click.option("--lambda", "lam", default=None, type=float, help="CAD calibration-loss weight (Eq. 8)")
-@click.option("--kd-teacher", default=None, type=click.Choice(["quantized", "fp"]),
+@click.option("--kd-teacher", default=None, type=click.Choice(choices(KdTeacher)),
               help="CAD's KD target: the 100-step quantized teacher's two DDIM steps (paper, default) or the FP "
                    "model's (not the paper's; the student stays quantized; on the built-in teacher it is the "
                    "better student, docs/RESULTS.md)")

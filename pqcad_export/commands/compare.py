@@ -94,7 +94,7 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
                                torch.device(device), teacher.cond)
         out = out or str(Path(run_dir) / "report")
     else:
-        from engines import EngineError, load_engine
+        from engines import EngineError, engine_bytes, load_engine
 
         from ..conditioning import resolve_conditioning
         from ..pipeline.compare import check_engine_model
@@ -116,7 +116,7 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
             sched = student_scheduler_config(sched, teacher_steps)
         from ..sampling import with_cond
 
-        size = sum(f.stat().st_size for f in Path(engine_dir).iterdir() if f.is_file() and f.name != "engine.json")
+        size = engine_bytes(engine_dir)
         cands = [Candidate(name=f"{eng.backend}-engine", backend=eng.backend, precision="see engine.json",
                            steps=steps, unet=with_cond(eng, teacher.cond), model_bytes=size, scheduler_config=sched,
                            executed_on=eng.device.type, notes=list(eng.info.notes) + notes,

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from ..cli import PRESETS, friendly, main
+from ..config_base import choices
+from ..distill.choices import CalibLoss, KdTeacher, KdWeighting
 
 
 @main.command()
@@ -16,14 +18,14 @@ from ..cli import PRESETS, friendly, main
 @click.option("--calib", required=True, type=click.Path(),
               help="calibration directory with c_dc/ (calibrate --out), or the C_DC set directory")
 @click.option("--out", required=True, type=click.Path(), help="output directory for the 50-step student")
-@click.option("--calib-loss", default=None, type=click.Choice(["em", "swd", "kl", "jsd", "cos", "none"]),
+@click.option("--calib-loss", default=None, type=click.Choice(choices(CalibLoss)),
               help="distance between student outputs and C_DC (default em; swd = sliced EM for big batches)")
 @click.option("--lambda", "lam", default=None, type=float, help="weight of the calibration term of Eq. (8)")
-@click.option("--kd-weighting", default=None, type=click.Choice(["truncated_snr", "snr"]),
+@click.option("--kd-weighting", default=None, type=click.Choice(choices(KdWeighting)),
               help="w(lambda_t) of Eq. (8): truncated_snr = max(SNR, 1) (paper, default); snr = the eps-space MSE "
                    "(with an eps-predicting UNet, max(SNR, 1) gives the noisiest steps most of the gradient; "
                    "docs/RESULTS.md, CAD)")
-@click.option("--kd-teacher", default=None, type=click.Choice(["quantized", "fp"]),
+@click.option("--kd-teacher", default=None, type=click.Choice(choices(KdTeacher)),
               help="whose two DDIM steps the student learns to take in one: quantized = the 100-step quantized "
                    "teacher (paper, default); fp = the FP model it was made from (see --model), the student "
                    "stays quantized (docs/RESULTS.md, CAD)")

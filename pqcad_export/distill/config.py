@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-from ..errors import UsageError
-from .losses import LOSSES
+from ..config_base import ConfigBase, Preset, choices, require
+from .choices import CalibLoss, CdcSpace, KdTarget, KdTeacher, KdWeighting, LrDecay
 
 
 @dataclass
-class CadConfig:
+class CadConfig(ConfigBase):
     """Calibration-Assisted Distillation (arXiv 2506.16776 Alg. 4, loss Eq. (8)).
 
     Paper-scale defaults follow progressive distillation on CIFAR-10 (Salimans & Ho 2022: Adam, batch 128,
@@ -22,18 +22,19 @@ class CadConfig:
     batch_size: int = 128           # training images per update (Salimans & Ho)
     lr: float = 5e-5                # Adam lr of the grid latents, biases and norms (chosen, linear decay to 0)
     lr_act: float = 1e-4            # Adam lr of the LSQ activation step sizes (chosen)
-    lr_decay: str = "linear"        # linear | constant
+    lr_decay: str = LrDecay.LINEAR.value  # linear | constant
     grad_clip: float = 1.0          # global grad-norm clip (0 = off)
-    kd_target: str = "sampler"      # KD error: sampler = the student's clipped DDIM step vs the teacher's z_t''
-    #                                 (rescaled; equals Eq. (8)'s x-error when nothing is clipped) | x = Eq. (8) as is
-    kd_weighting: str = "truncated_snr"  # w(lambda_t) of Eq. (8): truncated_snr = max(SNR,1) | snr (= eps MSE)
-    kd_teacher: str = "quantized"   # whose two DDIM steps the student learns: quantized = the PQ model (Alg. 4) |
-    #                                 fp = the FP model it was made from (the student stays quantized); see RESULTS
-    calib_loss: str = "em"          # em | swd | kl | jsd | cos | none (second term of Eq. (8))
+    kd_target: str = KdTarget.SAMPLER.value  # KD error: sampler = the student's clipped DDIM step vs the teacher's
+    #                                 z_t'' (rescaled; equals Eq. (8)'s x-error when nothing is clipped) | x = Eq. (8)
+    kd_weighting: str = KdWeighting.TRUNCATED_SNR.value  # w(lambda_t) of Eq. (8): truncated_snr = max(SNR,1) |
+    #                                 snr (= eps MSE)
+    kd_teacher: str = KdTeacher.QUANTIZED.value  # whose two DDIM steps the student learns: quantized = the PQ model
+    #                                 (Alg. 4) | fp = the FP model it was made from (the student stays quantized)
+    calib_loss: str = CalibLoss.EM.value  # em | swd | kl | jsd | cos | none (second term of Eq. (8))
     lam: float = 1.0                # lambda of Eq. (8) (chosen: both terms are per-element squared x-space
     #                                 errors, so 1 weighs them alike where w(lambda_t)=SNR; the log has both)
     cdc_batch: int = 32             # C_DC rows of the matching step per update (all of them when fewer)
-    cdc_space: str = "x0"           # x0: student x0-prediction vs C_DC "x0_pred"; eps: vs "model_output"
+    cdc_space: str = CdcSpace.X0.value  # x0: student x0-prediction vs C_DC "x0_pred"; eps: vs "model_output"
     swd_projections: int = 128      # projections of the sliced-Wasserstein variant
     teacher_steps: int = 100        # the quantized teacher's DDIM steps; the student gets half
     n_train_images: int = 5_000     # data-free: FP 100-step samples drawn once (or a dataset's first N)
@@ -47,49 +48,29 @@ class CadConfig:
     log_every: int = 50
     seed: int = 0
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "CadConfig":
-        """paper: the defaults above. quick: ~2-3 min on a 2-core CPU for the built-in 2.2M-param teacher."""
-        if name == "paper":
-            cfg = cls()
-        elif name == "quick":
-            cfg = cls(iters=150, batch_size=4, lr=1e-4, lr_act=1e-4, cdc_batch=8, swd_projections=32,
-                      n_train_images=16, eval_images=8, eval_steps=4, gap_samples=4, checkpoint_every=40,
-                      log_every=10)
-        else:
-            raise UsageError(f"unknown preset '{name}': expected quick or paper")
-        return cfg.with_overrides(**overrides)
-
-    def with_overrides(self, **overrides: Any) -> "CadConfig":
-        names = {f.name for f in fields(self)}
-        bad = [k for k in overrides if k not in names]
-        if bad:
-            raise UsageError(f"unknown distillation option(s): {', '.join(bad)}")
-        cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        cfg.validate()
-        return cfg
+    # paper: the defaults above. quick: ~2-3 min on a 2-core CPU for the built-in 2.2M-param teacher.
+    PRESETS = {Preset.QUICK.value: dict(iters=150, batch_size=4, lr=1e-4, lr_act=1e-4, cdc_batch=8, swd_projections=32,
+                                        n_train_images=16, eval_images=8, eval_steps=4, gap_samples=4,
+                                        checkpoint_every=40, log_every=10),
+               Preset.PAPER.value: {}}
+    OPTIONS = "distillation"
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UsageError(msg)
+        def one_of(value: str, enum_cls, option: str) -> None:
+            require(value in choices(enum_cls), f"{option} must be {' or '.join(choices(enum_cls))}, got {value}")
 
-        need(self.calib_loss in LOSSES, f"unknown --calib-loss '{self.calib_loss}': expected one of "
-                                        f"{', '.join(LOSSES)}")
-        need(self.iters >= 0, f"--iters must be >= 0, got {self.iters}")
-        need(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        need(self.lam >= 0, f"--lambda must be >= 0, got {self.lam}")
-        need(self.lr > 0 and self.lr_act >= 0, "learning rates must be positive")
-        need(self.lr_decay in ("linear", "constant"), f"lr_decay must be linear or constant, got {self.lr_decay}")
-        need(self.kd_target in ("sampler", "x"), f"kd_target must be sampler or x, got {self.kd_target}")
-        need(self.kd_teacher in ("quantized", "fp"), f"--kd-teacher must be quantized or fp, got {self.kd_teacher}")
-        need(self.kd_weighting in ("truncated_snr", "snr"),
-             f"kd_weighting must be truncated_snr or snr, got {self.kd_weighting}")
-        need(self.cdc_space in ("x0", "eps"), f"cdc_space must be x0 or eps, got {self.cdc_space}")
-        need(self.teacher_steps >= 2 and self.teacher_steps % 2 == 0,
-             f"teacher steps must be even and >= 2, got {self.teacher_steps}")
-        need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
-        need(self.n_train_images >= 1 and self.cdc_batch >= 1, "image / C_DC counts must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        require(self.calib_loss in choices(CalibLoss), f"unknown --calib-loss '{self.calib_loss}': expected one of "
+                                                       f"{', '.join(choices(CalibLoss))}")
+        require(self.iters >= 0, f"--iters must be >= 0, got {self.iters}")
+        require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        require(self.lam >= 0, f"--lambda must be >= 0, got {self.lam}")
+        require(self.lr > 0 and self.lr_act >= 0, "learning rates must be positive")
+        one_of(self.lr_decay, LrDecay, "lr_decay")
+        one_of(self.kd_target, KdTarget, "kd_target")
+        one_of(self.kd_teacher, KdTeacher, "--kd-teacher")
+        one_of(self.kd_weighting, KdWeighting, "kd_weighting")
+        one_of(self.cdc_space, CdcSpace, "cdc_space")
+        require(self.teacher_steps >= 2 and self.teacher_steps % 2 == 0,
+                f"teacher steps must be even and >= 2, got {self.teacher_steps}")
+        require(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint/log intervals must be >= 1")
+        require(self.n_train_images >= 1 and self.cdc_batch >= 1, "image / C_DC counts must be >= 1")

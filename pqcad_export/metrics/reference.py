@@ -17,7 +17,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import PqcadError
-from ._progress import ProgressArg
+from ..progress import ProgressArg
 from .fid import feature_stats
 from .inception import FeatureExtractor, ImagesLike, as_uint8_nchw, extract_features
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from ..atomic import atomic_write, atomic_write_json
 from ..errors import PqcadError
-from ._progress import ProgressArg
+from ..progress import ProgressArg
 from .fid import feature_stats, fid_features_vs_stats
-from .inception import FeatureExtractor, ImagesLike, as_uint8_nchw, extract_features
+from .inception import FeatureExtractor, ImagesLike, as_uint8_nchw, extract_features, file_digest
 
 FORMAT = "pqcad-refstats/1"
 NPZ, SIDECAR = "refstats.npz", "refstats.json"
@@ -87,11 +87,7 @@ def compute_refstats(images: ImagesLike, extractor: FeatureExtractor, subset: in
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _pack_sigma(sigma: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..bits import BitSpec, parse_bits
+from ..bits import BitSpec, packed_bytes, parse_bits
 from ..errors import PqcadError, UsageError
 from ..model_io import LoadedModel
 from .compare import Candidate, CompareConfig, run_compare
@@ -328,7 +328,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
     `cond` (conditional UNets) fills their encoder_hidden_states as it does the teacher's."""
     from ..sampling import with_cond
 
-    from engines import EngineError, load_engine
+    from engines import EngineError, engine_bytes, load_engine
     from engines.manifest import read_manifest
 
     from ..quantize import load_quantized
@@ -353,7 +353,7 @@ def run_candidates(root: Path, teacher: LoadedModel, bits: BitSpec, include_torc
         except EngineError as exc:
             raise PqcadError(str(exc)) from None
         notes = list(info.notes) + fp_notes
-        size = sum(f.stat().st_size for f in engine_dir.iterdir() if f.is_file() and f.name != "engine.json")
+        size = engine_bytes(engine_dir)
         cands.append(Candidate(name=f"{bits.name}-{info.backend}", backend=info.backend,
                                precision=_precision_label(bits, info), steps=student.steps,
                                unet=with_cond(eng, cond), model_bytes=size, scheduler_config=sched,
@@ -383,7 +383,7 @@ def _int_weight_bytes(q) -> int:
     total, prefixes = 0, []
     for name, m in q.quant_layers():
         prefixes.append(name + ".")
-        total += (m.weight_int().numel() * m.weight_bits + 7) // 8 + 4 * m.weight_scale().numel()
+        total += packed_bytes(m.weight_int().numel(), m.weight_bits) + 4 * m.weight_scale().numel()
         if m.bias is not None:
             total += 4 * m.bias.numel()
     for pname, p in q.unet.named_parameters():

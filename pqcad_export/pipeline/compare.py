@@ -10,7 +10,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from ..errors import PqcadError
 from ..model_io import LoadedModel
 from ..sampling import SamplerConfig, TorchUNet, UNetFn, ddim_sample, to_uint8
 from ..atomic import atomic_write_json
+from ..progress import StageBars
 
 
 @dataclass
@@ -81,25 +82,13 @@ def device_description(device: torch.device) -> str:
 
 def time_unet(fn: UNetFn, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], warmup: int,
               iters: int) -> float:
-    """Median ms per UNet call (CUDA events on GPU, perf_counter on CPU)."""
-    cuda = x.device.type == "cuda"
-    out = []
+    """Median ms per UNet call, timed as engines time themselves (engines.base: CUDA events on GPU, perf_counter on
+    CPU)."""
+    from engines.base import time_cpu, time_cuda
+
+    timer = time_cuda if x.device.type == "cuda" else time_cpu
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(x, t, cond)
-        for _ in range(iters):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn(x, t, cond)
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn(x, t, cond)
-                out.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(out))
+        return float(timer(lambda: fn(x, t, cond), int(x.shape[0]), warmup, iters).median_ms)
 
 
 def time_sampler(fn: UNetFn, scheduler_config: dict[str, Any], shape: tuple[int, int, int], steps: int,
@@ -126,32 +115,6 @@ def _entry(name: str, backend: str, precision: str, steps: int, unet_ms: Optiona
             "ms_per_image": None if ms_img is None else round(ms_img, 4),
             "fid": None, "fid_to_fp32": None, "kid": None, "kid_std": None, "kid_to_fp32": None,
             "psnr_to_fp32": None, "ssim_to_fp32": None, "model_bytes": model_bytes}
-
-
-class _Bar:
-    """A rich progress bar naming the stage, or nothing when quiet."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.prog = None
-
-    def __enter__(self):
-        if not self.quiet:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-            self.prog = Progress(TextColumn("compare: {task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
-            self.prog.start()
-        return self
-
-    def task(self, desc: str, total: int) -> Callable[[int], None]:
-        if self.prog is None:
-            return lambda k: None
-        tid = self.prog.add_task(desc, total=total)
-        return lambda k: self.prog.advance(tid, k)
-
-    def __exit__(self, *exc):
-        if self.prog is not None:
-            self.prog.stop()
 
 
 def check_engine_model(info, teacher: LoadedModel, engine_dir) -> list[str]:
@@ -182,7 +145,7 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
     if teacher.cond is not None:
         notes.append(f"conditioning: {teacher.cond.label}")
     images: dict[str, torch.Tensor] = {}
-    with _Bar(quiet) as bar:
+    with StageBars(quiet) as bar:
         adv = bar.task("latency, FP32 teacher", 1)
         ref_ms = time_unet(teacher_fn, x_lat, t_lat, None, cfg.warmup, cfg.latency_iters)
         ref_ms_img = time_sampler(teacher_fn, teacher.scheduler_config, shape, cfg.teacher_steps, lb, cfg.eta,
@@ -337,7 +300,7 @@ def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:
 
 
 def _score(cfg: CompareConfig, images: dict[str, torch.Tensor], reference: dict, cands: list[dict],
-           notes: list[str], bar: _Bar, teacher: LoadedModel) -> tuple[Optional[str], Optional[dict]]:
+           notes: list[str], bar: StageBars, teacher: LoadedModel) -> tuple[Optional[str], Optional[dict]]:
     from ..metrics import InceptionFeatures, feature_stats
     from ..metrics.fid import fid_features_vs_stats
     from ..model_io import DEFAULT_MODEL_DIR

@@ -56,7 +56,7 @@ def measure_reference(spec: RefSpec, err: Optional[str], teacher, cfg, shape, de
                       time_sampler: Callable, entry: Callable, ref_imgs_fn: Optional[Callable]) -> dict[str, Any]:
     """One compare.json reference entry (name, backend, precision, steps, unet_ms_per_call, ms_per_image, fid,
     fid_to_fp32, model_bytes, notes); nulls with a note where it could not run."""
-    from engines import load_engine
+    from engines import engine_bytes, load_engine
     from engines.bench import BenchTarget, measure_isolated
 
     steps = cfg.teacher_steps
@@ -68,7 +68,7 @@ def measure_reference(spec: RefSpec, err: Optional[str], teacher, cfg, shape, de
     prec = "fp32"
     if spec.backend == "openvino":
         prec = eng.inference_precision
-    size = sum(f.stat().st_size for f in spec.engine_dir.iterdir() if f.is_file() and f.name != "engine.json")
+    size = engine_bytes(spec.engine_dir)
     notes = []
     try:
         ms = measure_isolated(BenchTarget(spec.name, "engine", str(spec.engine_dir)), cfg.latency_batch, 0,

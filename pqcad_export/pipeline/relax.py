@@ -64,7 +64,7 @@ def relaxed_engine(q, onnx_path: Path, engine_dir: Path, backend: str = "auto") 
 
 def relax_candidate(root: str | Path, main: Candidate, bits: BitSpec, frac: float, where: str) -> Candidate:
     """`main` (the run's INT8 engine candidate) with round(frac * steps) steps at the `where` end relaxed."""
-    from engines import EngineError, load_engine
+    from engines import EngineError, engine_bytes, load_engine
     from engines.relax import RelaxedUNet, relaxed_timesteps
 
     from ..sampling import ddim_timesteps
@@ -80,7 +80,7 @@ def relax_candidate(root: str | Path, main: Candidate, bits: BitSpec, frac: floa
     relax = relaxed_timesteps(grid, frac, where)
     fn = RelaxedUNet(main.unet, eng, relax, bits.act_bits, RELAXED_ACT_BITS)
     avg = fn.average_act_bits(main.steps)
-    size = sum(f.stat().st_size for f in edir.iterdir() if f.is_file() and f.name != "engine.json")
+    size = engine_bytes(edir)
     side = "x_0 (fidelity)" if where == "x0" else "x_T (structure)"
     return Candidate(
         name=f"{main.name}-relax-{where}-{frac:g}", backend=main.backend,
