@@ -1,6 +1,6 @@
 """`pqcad-export` command line: thin wrappers over the library; every failure is one line and a non-zero exit.
 
-Exit codes: 0 success, 1 a failure the tool explains, 2 bad usage.
+Exit codes: 0 success, 1 a failure the tool explains, 2 bad usage, 3 a missed --gate, 130 Ctrl-C, 143 SIGTERM.
 Each command imports its implementation lazily so `--help` stays fast.
 """
 
@@ -16,6 +16,25 @@ from .errors import PqcadError
 
 PRESETS = click.Choice(choices(Preset))
 MODEL_HELP = "diffusers UNet directory (model or pipeline layout); default: the built-in Fashion-MNIST teacher"
+
+
+def quality_options(fn):
+    """--ref-images and --gate, shared by `build` and `compare` (one spelling of both)."""
+    fn = click.option("--gate", "gates", multiple=True, metavar="METRIC>=X|METRIC<=X",
+                      help="quality gate on the candidate's compare.json metric, repeatable (e.g. --gate "
+                           "\"psnr_to_fp32>=30\" --gate \"kid_to_fp32<=0.002\"); a missed gate exits 3 after the "
+                           "report is written")(fn)
+    return click.option("--ref-images", default=None, type=click.Path(),
+                        help="data images for fid/kid (folder, .npy/.npz, or 'fashion-mnist'), statistics cached by "
+                             "content; the built-in teacher ships its own")(fn)
+
+
+def cond_option(scope: str):
+    """--cond for a UNet2DConditionModel; `scope` says where the embeddings are used."""
+    return click.option("--cond", default=None, type=click.Path(),
+                        help="UNet2DConditionModel: encoder_hidden_states [N, tokens, cross_attention_dim] "
+                             f"(safetensors) {scope}; row i mod N for sample i; default: seeded N(0,1) embeddings, "
+                             "labelled as such")
 
 
 def _fail(msg: str, code: int) -> None:

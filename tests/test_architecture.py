@@ -26,7 +26,6 @@ MAX_LINES = 400
 # Design cycles (through lazy imports) that other work is removing; none known today.
 KNOWN_DESIGN_CYCLES: dict[str, str] = {}
 # Product files over MAX_LINES today; other helpers are shrinking them (issue 23).
-KNOWN_LONG = "pqcad_export/pipeline/build.py (406)"
 
 
 def _module_name(path: Path) -> str:
@@ -161,7 +160,6 @@ def _long_files() -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason=f"files over {MAX_LINES} lines, being split by other work: {KNOWN_LONG}")
 def test_no_product_file_exceeds_the_line_limit():
     assert _long_files() == []
 

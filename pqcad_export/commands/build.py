@@ -6,7 +6,7 @@ import click
 
 from engines import BACKENDS
 
-from ..cli import MODEL_HELP, friendly, main
+from ..cli import MODEL_HELP, cond_option, friendly, main, quality_options
 from ..config_base import choices
 from ..distill.choices import CalibLoss, KdTeacher
 
@@ -46,12 +46,7 @@ from ..distill.choices import CalibLoss, KdTeacher
 @click.option("--latency-batch", default=None, type=int, help="compare: batch of the latency runs (default 1)")
 @click.option("--include-torch-student", is_flag=True, help="compare: also the PyTorch fake-quant student")
 @click.option("--no-fid", is_flag=True, help="compare: latency only (no Inception features)")
-@click.option("--ref-images", default=None, type=click.Path(),
-              help="compare: data images for fid/kid (folder, .npy/.npz, or 'fashion-mnist'), cached by content; "
-                   "the built-in teacher ships its own statistics")
-@click.option("--gate", "gates", multiple=True, metavar="METRIC>=X|METRIC<=X",
-              help="quality gate on the candidate's compare.json metric, repeatable (e.g. --gate "
-                   "\"psnr_to_fp32>=30\" --gate \"kid_to_fp32<=0.002\"); a missed gate exits 3")
+@quality_options
 @click.option("--recon-loss", default="block", show_default=True, type=click.Choice(["block", "fbr"]),
               help="quant: block (BRECQ) or fbr (EDA-DM: + gamma * layer-wise losses)")
 @click.option("--qdrop", default=None, type=float, help="quant: QDrop probability P during LSQ")
@@ -67,9 +62,7 @@ from ..distill.choices import CalibLoss, KdTeacher
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="skip finished stages and resume interrupted ones from their checkpoints")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-@click.option("--cond", default=None, type=click.Path(),
-              help="UNet2DConditionModel: encoder_hidden_states [N, tokens, cross_attention_dim] (safetensors) for "
-                   "every stage; default: seeded N(0,1) embeddings, labelled as such in run.json and the report")
+@cond_option("for every stage")
 @friendly
 def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_teacher, teacher_steps, student_steps,
           backend, device, seed, samples, latency_batch, include_torch_student, no_fid, resume, quiet,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import MODEL_HELP, PRESETS, friendly, main
+from ..cli import MODEL_HELP, PRESETS, cond_option, friendly, main
 
 STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 
@@ -33,9 +33,7 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option("--cond", default=None, type=click.Path(),
-              help="UNet2DConditionModel: encoder_hidden_states [N, tokens, cross_attention_dim] (safetensors); "
-                   "trajectory i uses row i mod N (default: seeded N(0,1) embeddings, labelled)")
+@cond_option("for the trajectories")
 @friendly
 def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
               dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None, cond=None):

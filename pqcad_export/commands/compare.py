@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import friendly, main
+from ..cli import cond_option, friendly, main, quality_options
 
 
 @main.command()
@@ -23,21 +23,14 @@ from ..cli import friendly, main
 @click.option("--include-torch-student", is_flag=True, help="with --run: also the PyTorch fake-quant student")
 @click.option("--ref-stats", default=None, type=click.Path(),
               help="data statistics for fid/kid: a refstats folder, or an .npz with mu, sigma[, features]")
-@click.option("--ref-images", default=None, type=click.Path(),
-              help="data images for fid/kid (folder, .npy/.npz array, or 'fashion-mnist'); statistics are computed "
-                   "once and cached by content (the built-in teacher ships its own)")
-@click.option("--gate", "gates", multiple=True, metavar="METRIC>=X|METRIC<=X",
-              help="quality gate on the candidate's compare.json metric, repeatable, e.g. \"psnr_to_fp32>=30\"; "
-                   "a missed gate exits 3 after the report is written")
+@quality_options
 @click.option("--fid-weights", default=None, type=click.Path(), help="TF-Inception default_1.pt")
 @click.option("--no-fid", is_flag=True, help="latency only")
 @click.option("--preset", default="quick", show_default=True, type=click.Choice(["quick", "paper"]))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
-@click.option("--cond", default=None, type=click.Path(),
-              help="with --engine and a UNet2DConditionModel: encoder_hidden_states file (safetensors) to sample "
-                   "with; default: seeded N(0,1) embeddings (labelled). With --run: the run's own conditioning")
+@cond_option("to sample with, with --engine (a run uses its own)")
 @friendly
 def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batch, teacher_steps, out, include_torch_student,
             ref_stats, fid_weights, no_fid, preset, device, seed, quiet, cond=None, ref_images=None, gates=()):
@@ -53,7 +46,7 @@ def compare(run_dir, engine_dir, model, steps, samples, batch_size, latency_batc
 
     from ..errors import PqcadError, UsageError
     from ..model_io import load_model
-    from ..pipeline.build import run_candidates
+    from ..pipeline.candidates import run_candidates
     from ..pipeline.compare import Candidate, CompareConfig, run_compare
     from ..pipeline.summary import print_summary
     from ..pipeline.gate import apply_gates, parse_gates, raise_if_failed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import PRESETS, friendly, main
+from ..cli import PRESETS, cond_option, friendly, main
 from ..config_base import choices
 from ..distill.choices import CalibLoss, KdTeacher, KdWeighting
 
@@ -40,9 +40,7 @@ from ..distill.choices import CalibLoss, KdTeacher, KdWeighting
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=None, type=int, help="random seed (default 0)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-@click.option("--cond", default=None, type=click.Path(),
-              help="conditional UNets: encoder_hidden_states file (safetensors), as given to calibrate (default: "
-                   "seeded N(0,1) embeddings, labelled)")
+@cond_option("for the training images, as given to calibrate")
 @friendly
 def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, preset, iters, batch_size, model, data,
             device, seed, quiet, cond=None):
