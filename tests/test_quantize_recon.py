@@ -219,3 +219,24 @@ def test_cli_quantize_end_to_end(plain_model, tiny_unet_dir, tmp_path):
     r = CliRunner().invoke(main, ["quantize", "--model", str(tiny_unet_dir), "--calib", str(tmp_path / "nope"),
                                   "--bits", "w4a8", "--out", str(tmp_path / "q2")])
     assert r.exit_code == 1 and "error:" in r.output
+
+
+def test_run_quantize_feeds_the_conditioning_of_a_conditional_set(tiny_cond_unet_dir, tmp_path):
+    """The one quantize stage (CLI, build, research) keeps encoder_hidden_states and records the set's length."""
+    from calibration.storage import write_set
+    from pqcad_export.bits import parse_bits
+    from pqcad_export.quantize.stage import run_quantize
+
+    lm = load_model(tiny_cond_unet_dir)
+    g = torch.Generator().manual_seed(0)
+    rows = {"sample": torch.randn(8, 2, 8, 8, generator=g), "timestep": torch.tensor([999, 700, 300, 20] * 2),
+            "encoder_hidden_states": torch.randn(8, 3, 16, generator=g),
+            "step_index": torch.arange(8) % 4, "trajectory": torch.arange(8) // 4}
+    write_set(tmp_path / "calib" / "c_qc", "c_qc", rows,
+              {"fingerprint": lm.fingerprint, "conditioning": {"source": "random", "shape": [3, 16]}})
+    out = tmp_path / "q"
+    qm = run_quantize(lm, tmp_path / "calib", parse_bits("w4a8"), "direct", small_cfg(iters=4, act_iters=2), out,
+                      "cpu", seed=0, meta={"steps": 10}, keep_checkpoints=False)
+    meta = json.loads((out / "quant.json").read_text())
+    assert meta["conditioning"] == {"source": "calibration set (random)", "shape": [None, 3, 16]}
+    assert meta["steps"] == 10 and qm.bits.name == "w4a8" and not (out / "checkpoints").exists()

@@ -41,7 +41,6 @@ from ..cli import MODEL_HELP, PRESETS, friendly, main
 def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, io_act_quant, recon_loss, fbr_gamma,
              qdrop, compare_direct, device, seed, quiet, mixed_precision="auto", fp_budget=None, w8_budget=None):
     """Quantize weights (learned rounding, per-channel) and activations (learned steps) block by block."""
-    import shutil
     from pathlib import Path
 
     from ..bits import parse_bits
@@ -58,18 +57,12 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     from ..quantize.plan import plan_overrides
 
     plan_over = plan_overrides(mixed_precision, fp_budget, w8_budget)  # bad budget: exit 2, nothing written
-    from calibration.storage import open_set
-
-    from ..model_io import load_model
-    from ..quantize import ReconConfig, quantize_model, save_quantized
-    from ..quantize.progressive import plot_loss_curve
-
-    from ..model_io import check_finite
+    from ..model_io import check_finite, load_model
+    from ..quantize import ReconConfig
+    from ..quantize.stage import CHECKPOINTS, run_quantize
 
     loaded = load_model(model, device)
     check_finite(loaded)  # NaN/inf model: refused before the first block, naming the parameter at fault
-    cset = open_set(calib, "c_qc", expect_fingerprint=loaded.fingerprint)
-    keys = ["sample", "timestep"] + (["encoder_hidden_states"] if "encoder_hidden_states" in cset.fields else [])
     overrides = {"seed": seed, "progress": not quiet, "attn_matmul_quant": attn_matmul_quant,
                  "io_act_quant": io_act_quant}
     if iters is not None:
@@ -82,27 +75,11 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
         overrides["qdrop_prob"] = qdrop
     cfg = ReconConfig.preset(preset, **overrides)
     out = Path(out)
-    ckpt = out / "checkpoints"
-    batches = _finite(cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys), calib)
-    qm = quantize_model(loaded, batches, spec, method, cfg, device, checkpoint_dir=ckpt)
-    if compare_direct and method != "direct":
-        from ..quantize.progressive import delta_pert
-
-        batches = cset.iter_batches(batch_size=64, shuffle=True, seed=seed, keys=keys)
-        dq = quantize_model(loaded, batches, spec, "direct", cfg, device)
-        qm.log["direct_geomean_pert"] = dq.log["geomean_pert"]
-        qm.log["delta_pert_vs_direct"] = delta_pert(qm.log, dq.log)
+    ckpt = out / CHECKPOINTS
+    qm = run_quantize(loaded, calib, spec, method, cfg, out, device, seed=seed, compare_direct=compare_direct,
+                      curve="quant_curve.png", keep_checkpoints=False)
+    if "delta_pert_vs_direct" in qm.log:
         click.echo(f"Delta_Pert vs direct at equal iterations: {qm.log['delta_pert_vs_direct']:+.2%}")
-    cm = cset.manifest.get("conditioning") if "encoder_hidden_states" in cset.fields else None
-    if cm:  # the conditioning length export and engines must take (quant.json `conditioning`)
-        shape = cm.get("shape") or [cm.get("tokens"), cm.get("dim")]
-        cm = {"source": f"calibration set ({cm.get('source')})", "shape": [None, *shape]}
-    save_quantized(qm, out, {"conditioning": cm})
-    if (out / "sensitivity.json").is_file() and qm.sensitivity is None:
-        (out / "sensitivity.json").unlink()  # a stale measurement from an earlier auto run
-    if method in ("pq", "bitshrink"):
-        plot_loss_curve(qm.log, out / "quant_curve.png", cfg.curve_unit)
-    shutil.rmtree(ckpt, ignore_errors=True)
     if qm.log.get("reused_units"):
         click.echo(f"reused {qm.log['reused_units']} of {len(qm.log['units'])} quantized blocks from {ckpt}")
     mp = qm.meta.get("mixed_precision", {})
@@ -114,17 +91,3 @@ def quantize(model, calib, bits, out, method, preset, iters, attn_matmul_quant, 
     click.echo(f"quantized {spec.name} ({method}, {len(qm.log['units'])} blocks, "
                f"geo-mean block perturbation {g:.3e}) -> {out}" if g is not None else f"quantized -> {out}")
 
-
-def _finite(batches, calib):
-    """A calibration set with NaN/inf rows (collected from a broken model) is refused as such, not blamed on the
-    first block that sees it."""
-    import torch
-
-    from ..errors import UsageError
-
-    for b in batches:
-        for k, v in b.items():
-            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
-                raise UsageError(f"calibration set {calib} holds NaN/inf values in '{k}'; recollect it from a "
-                                 f"healthy model")
-        yield b

@@ -198,22 +198,18 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         return _summary(cfg, run, t_all)
 
     # 2. quantization (PQ by default)
-    from ..quantize import ReconConfig, quantize_model, save_quantized
+    from ..quantize import ReconConfig
 
     # --quiet silences the per-block bars too (progress is not part of the stage key)
     rcfg = ReconConfig.preset(cfg.preset, **{**qover, **({"progress": False} if cfg.quiet else {})})
     quant_dir = run.path("quant")
 
     def do_quant():
-        from calibration.storage import open_set
+        from ..quantize.stage import run_quantize
 
-        cset = open_set(calib_dir, "c_qc", expect_fingerprint=teacher.fingerprint)
-        # shuffled: the quick preset keeps only the first max_calib rows, which must span all steps
-        batches = cset.iter_batches(batch_size=64, shuffle=True, seed=cfg.seed, keys=_calib_keys(cset))
-        qm = quantize_model(teacher, batches, bits, cfg.method, rcfg, device,
-                            checkpoint_dir=quant_dir / "checkpoints")
-        save_quantized(qm, quant_dir, {"steps": cfg.teacher_steps,
-                                       "conditioning": None if cond is None else cond.describe()})
+        qm = run_quantize(teacher, calib_dir, bits, cfg.method, rcfg, quant_dir, device, seed=cfg.seed,
+                          meta={"steps": cfg.teacher_steps},
+                          conditioning=None if cond is None else cond.describe())
         reused = int(qm.log.get("reused_units", 0))
         if reused:
             _say(cfg, f"  reused {reused} of {len(qm.log['units'])} quantized blocks from checkpoints")
@@ -311,16 +307,14 @@ def _engine_calib_feeds(calib_dir: Path, n: int = 32) -> dict[str, Any]:
     """Real C_QC inputs (spread over the steps) for engines that calibrate extra scales (ORT's CPU copy)."""
     from calibration.storage import open_set
 
+    from ..quantize.stage import calib_keys
+
     cset = open_set(calib_dir, "c_qc")
-    rows = next(cset.iter_batches(batch_size=n, shuffle=True, seed=0, keys=_calib_keys(cset)))
+    rows = next(cset.iter_batches(batch_size=n, shuffle=True, seed=0, keys=calib_keys(cset)))
     feeds = {"sample": rows["sample"].float().numpy(), "timestep": rows["timestep"].float().numpy()}
     if "encoder_hidden_states" in rows:
         feeds["encoder_hidden_states"] = rows["encoder_hidden_states"].float().numpy()
     return feeds
-
-
-def _calib_keys(cset) -> list[str]:
-    return [k for k in ("sample", "timestep", "encoder_hidden_states") if k in cset.fields]
 
 
 def _summary(cfg: BuildConfig, run: RunDir, t_all: float) -> dict[str, Any]:

@@ -55,20 +55,18 @@ def job_calib(ctx: Ctx, job: Job) -> dict[str, Any]:
 
 
 def job_quant(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from calibration.storage import open_set
-    from pqcad_export.quantize import ReconConfig, quantize_model, save_quantized
+    from pqcad_export.bits import parse_bits
+    from pqcad_export.quantize import ReconConfig
+    from pqcad_export.quantize.stage import run_quantize
 
     p = ctx.plan
     calib = job.params.get("calib", "uniform")
-    cset = open_set(ctx.dir(f"calib-{calib}"), "c_qc", expect_fingerprint=ctx.teacher.fingerprint)
-    keys = [k for k in ("sample", "timestep") if k in cset.fields]
     cfg = ReconConfig.preset("paper", **p.recon_overrides(), recon_loss=job.params.get("recon", "block"),
                              mixed_precision=job.params.get("mp", "off"))
     out = ctx.dir(job.name)
     t0 = time.time()
-    qm = quantize_model(ctx.teacher, cset.iter_batches(batch_size=64, shuffle=True, seed=p.seed, keys=keys),
-                        job.params["bits"], job.params["method"], cfg, ctx.device, checkpoint_dir=out / "checkpoints")
-    save_quantized(qm, out, {"steps": p.teacher_steps})
+    qm = run_quantize(ctx.teacher, ctx.dir(f"calib-{calib}"), parse_bits(job.params["bits"]), job.params["method"],
+                      cfg, out, ctx.device, seed=p.seed, meta={"steps": p.teacher_steps})
     if job.params["method"] == "pq":
         from pqcad_export.quantize.progressive import plot_loss_curve
 
