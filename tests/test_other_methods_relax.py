@@ -98,7 +98,8 @@ def test_build_relax_candidate_end_to_end(tiny_unet_dir, tmp_path):
     assert str(min(grid)) not in calls["int8"]["timesteps"]
     for t in set(grid) - {min(grid)}:
         assert calls["int8"]["timesteps"][str(t)] == relaxed_rows, t
-    assert rel["unet_ms_per_call"] > 0 and rel["ms_per_image"] > 0 and rel["status"] == "executed"
+    assert rel["unet_ms_per_call"] > 0 and rel["ms_per_image"] > 0
+    assert rel["status"] == "ran (images not scored)"  # --no-fid: "executed" needs scored images (architecture.md)
     assert rel["model_bytes"] > main["model_bytes"]
     assert (out / "engine_relaxed" / "engine.json").is_file()
     import onnx
