@@ -3,4 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh dev
-exec .venv/bin/python -m pytest -q -m "not slow" "$@"
+if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q -m "not slow" "$@"; fi
+# The in-process SIGTERM test runs in its own pytest process: delivered to a process in which OpenVINO has been
+# loaded by earlier tests, SIGTERM ends in a segfault (under investigation; docs/architecture.md, known issues).
+.venv/bin/python -m pytest -q -m "not slow" tests/test_robust_cad.py
+exec .venv/bin/python -m pytest -q -m "not slow" --ignore tests/test_robust_cad.py
