@@ -49,7 +49,8 @@ def test_conditional_build_runs_every_stage_with_the_cond_file(cond_run, cond_fi
                                        if i.name == "encoder_hidden_states").type.tensor_type.shape.dim]
     assert shape[1:] == [5, 16]
     rep = summary["compare"]
-    assert rep["candidates"][0]["status"] == "executed"
+    # 2-channel latents: no FID, so the engine ran but its images were not scored (architecture.md honesty rules)
+    assert rep["candidates"][0]["status"] == "ran (images not scored)"
     assert any("conditioning: --cond" in n for n in rep["notes"])
 
 
@@ -63,7 +64,7 @@ def test_compare_of_the_conditional_run_and_its_engine(cond_run, tiny_cond_unet_
                                     "2", "--batch-size", "2", "--no-fid", "--quiet", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "b/compare.json").read_text())
-    assert rep["candidates"][0]["status"] == "executed" and "Traceback" not in res.output
+    assert rep["candidates"][0]["status"] == "ran (images not scored)" and "Traceback" not in res.output
 
 
 def test_engine_of_another_model_is_refused(cond_run, tiny_unet_dir, tiny_cond_unet_dir):
