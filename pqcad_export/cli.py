@@ -72,8 +72,8 @@ def friendly(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pqcad-export")
 def main() -> None:
-    """Quantize (PQ) and distill (CAD) a diffusion UNet, export QDQ ONNX, build TensorRT / ONNX Runtime
-    engines and compare them with the FP32 100-step model.
+    """Quantize (PQ) and distill (CAD) a diffusion UNet, export QDQ ONNX, build TensorRT / OpenVINO /
+    ONNX Runtime engines and compare them with the FP32 100-step model and its FP engines.
 
     Typical use:  pqcad-export build --bits w4a8
     """
