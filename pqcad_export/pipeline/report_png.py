@@ -15,15 +15,17 @@ MARK_TOP_K = 4
 MARK_COLOR = (220, 30, 30)
 
 
-def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, entry): the FP32 teacher, candidates, and FP references another stage may have added."""
-    return ([("teacher", report["reference"])] + [("candidate", c) for c in report.get("candidates", [])]
-            + [("fp-reference", r) for r in report.get("references") or []])
+def report_entries(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, entry): the FP32 teacher, the candidates, then the FP references other than the teacher (compare
+    lists the teacher first among its `references`)."""
+    ref = report["reference"]
+    return ([("teacher", ref)] + [("candidate", c) for c in report.get("candidates", [])]
+            + [("fp-reference", r) for r in report.get("references") or [] if r.get("name") != ref.get("name")])
 
 
 def quality_axis(report: dict[str, Any]) -> Optional[str]:
     """The to-FP32 metric the chart plots: KID when measured (unbiased at small N), else FID."""
-    others = [e for kind, e in _rows(report) if kind != "teacher"]
+    others = [e for kind, e in report_entries(report) if kind != "teacher"]
     for key in ("kid_to_fp32", "fid_to_fp32"):
         if any(e.get(key) is not None for e in others):
             return key
@@ -36,7 +38,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(report)
+    rows = report_entries(report)
     names = [f"{e['name']}\n{e.get('steps')} steps" for _, e in rows]
     colors = {"teacher": "#333333", "candidate": "#dd8452", "fp-reference": "#4c72b0"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))

@@ -60,8 +60,10 @@ def print_compare(con, rep: dict[str, Any], report_dir: Optional[str] = None) ->
 
     con.print(Text(f"compare vs FP32 {rep['reference'].get('steps')}-step, {rep.get('samples')} samples, "
                    f"{rep.get('device')}", style="bold"))
-    blocks = ([("reference", rep["reference"])] + [("candidate", c) for c in rep.get("candidates", [])]
-              + [("FP reference", r) for r in rep.get("references") or []])
+    from .report_png import report_entries
+
+    labels = {"teacher": "reference", "candidate": "candidate", "fp-reference": "FP reference"}
+    blocks = [(labels[kind], e) for kind, e in report_entries(rep)]
     for kind, e in blocks:
         name, what, rows = entry_lines(kind, e)
         head = Text(name, style="bold cyan")
