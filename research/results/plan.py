@@ -33,12 +33,12 @@ class Plan:
     cad_checkpoint_every: int = 250
     cad_extra: dict[str, Any] = field(default_factory=dict)  # other CadConfig overrides
     samples: int = 10000                  # images per evaluated model (same initial noise for every model)
-    sample_batch: int = 1000
+    sample_batch: int = 2500              # initial_noise is batch-independent: larger batches only cut launches
     feature_batch: int = 500
     pr_real: int = 10000                  # real images for precision/recall (same count as samples, k=3)
     relax_fracs: tuple[float, ...] = (0.05, 0.1, 0.2)
     train_per_gpu: int = 10               # concurrent quantization / CAD processes per GPU
-    eval_per_gpu: int = 3                 # concurrent sampling / feature processes per GPU (3: a model that
+    eval_per_gpu: int = 6                 # concurrent sampling / feature processes per GPU (>= 3: a model that
                                           # finishes late, PCR, need not queue behind two 100-step samplings)
     score_per_gpu: int = 4                # concurrent metric processes per GPU (mostly CPU: matrix square roots)
     seed: int = 0
