@@ -15,7 +15,7 @@ from ..errors import PqcadError
 
 def export_fp_onnx(unet: nn.Module, out: str | Path, opset: int = 17) -> Path:
     """sample [B,C,H,W] f32, timestep [B] f32 -> eps; same I/O and metadata keys as the QDQ export."""
-    from .graph_cost import instance_norm_channel_groups, remove_dead_initializers
+    from .graph_cost import remove_dead_initializers
     from .onnx import _fold_constant_nodes, _UNetIO
 
     if type(unet).__name__ == "UNet2DConditionModel":
@@ -40,7 +40,6 @@ def export_fp_onnx(unet: nn.Module, out: str | Path, opset: int = 17) -> Path:
     model = onnx.load(str(tmp))
     tmp.unlink(missing_ok=True)
     _fold_constant_nodes(model)
-    instance_norm_channel_groups(model)  # the same GroupNorm form as the QDQ export, so both are timed alike
     remove_dead_initializers(model)
     for k, v in {"pqcad.sample_shape": ",".join(map(str, shape)), "pqcad.timestep_dtype": "float32",
                  "pqcad.precision": "fp32"}.items():
