@@ -7,6 +7,7 @@
   norm: it becomes one InstanceNormalization on the 4D tensor with the affine folded in. The exporter's Reshape to
   [B, G, -1] forced OpenVINO to reorder the channels-last tensor to planar and back around the MVN (the largest
   reorders of the INT8 graph); without it the MVN runs channels-last with SiLU and the next QuantizeLinear fused.
+  QDQ export only: the FP reference keeps the exporter's form (faster there on a dynamic-batch OpenVINO compile).
 * Dead initializers (tensors no node reads, e.g. left behind by a rewrite) are dropped: engines warn about each.
 """
 
