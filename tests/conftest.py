@@ -27,13 +27,13 @@ def _save(unet, path):
     return path
 
 
-def make_tiny_unet(attention: bool = False, seed: int = 0) -> UNet2DModel:
+def make_tiny_unet(attention: bool = False, seed: int = 0, norm_num_groups: int = 8) -> UNet2DModel:
     torch.manual_seed(seed)
     down = ("DownBlock2D", "AttnDownBlock2D") if attention else ("DownBlock2D", "DownBlock2D")
     up = ("AttnUpBlock2D", "UpBlock2D") if attention else ("UpBlock2D", "UpBlock2D")
     return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
                        block_out_channels=(16, 32), down_block_types=down, up_block_types=up,
-                       norm_num_groups=8, attention_head_dim=8).eval()
+                       norm_num_groups=norm_num_groups, attention_head_dim=8).eval()
 
 
 def make_tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:

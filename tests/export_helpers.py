@@ -13,7 +13,8 @@ from pqcad_export.bits import parse_bits
 from pqcad_export.model_io import DEFAULT_SCHEDULER_CONFIG
 
 
-def make_quantized(bits: str = "w8a8", attention: bool = True, attn_matmul: bool = True, seed: int = 0):
+def make_quantized(bits: str = "w8a8", attention: bool = True, attn_matmul: bool = True, seed: int = 0,
+                   norm_num_groups: int = 8):
     """A frozen QuantizedModel of the tiny attention UNet: round-to-nearest weights, percentile act steps."""
     from conftest import make_tiny_unet
 
@@ -21,7 +22,7 @@ def make_quantized(bits: str = "w8a8", attention: bool = True, attn_matmul: bool
     from pqcad_export.quantize.model import QuantizedModel
     from pqcad_export.quantize.wrap import attn_processors, freeze_all, quant_layers, wrap_unet
 
-    unet = make_tiny_unet(attention=attention, seed=seed)
+    unet = make_tiny_unet(attention=attention, seed=seed, norm_num_groups=norm_num_groups)
     cfg = dict(unet.config)
     wrap_unet(unet, parse_bits(bits), attn_matmul_quant=attn_matmul)
     for _, m in quant_layers(unet):  # max-abs per-channel steps (the MSE search is too slow for unit tests)

@@ -109,9 +109,10 @@ def export_unet(unet: nn.Module, out: str | Path, cfg: Optional[ExportConfig] = 
     for extra in list(tmp.parent.glob(tmp.name + "*")):
         extra.unlink()
     _fold_constant_nodes(model)
-    from .graph_cost import fold_concat_slices, remove_dead_initializers
+    from .graph_cost import fold_concat_slices, instance_norm_channel_groups, remove_dead_initializers
 
     fold_concat_slices(model)  # split convs read the concatenation's inputs, not slices of it (same values)
+    instance_norm_channel_groups(model)  # GroupNorm with C == groups: one InstanceNormalization, no Reshapes
     exp = _expectations(model, layers)
     n_int4 = 0
     if use_int4:
