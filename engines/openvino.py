@@ -10,6 +10,7 @@ inference precision actually used, instead of what the graph asked for.
 from __future__ import annotations
 
 import collections
+import functools
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,12 +72,19 @@ def openvino_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _core():
+    """One Core per process. Each Core loads its own CPU plugin, and each plugin swaps the thread's alternate
+    signal stack in and restores the previous one when it is destroyed; plugins destroyed out of order left a
+    freed stack installed, and the next SIGTERM/SIGINT then crashed the process (segfault instead of exit 143)."""
+    return import_openvino().Core()
+
+
 def compile_onnx(path: str | Path, cfg: Optional[OvConfig] = None, extra: Optional[dict[str, str]] = None,
                  batch: Optional[int] = None):
     """Read and compile an ONNX file for the CPU (with the batch dimension fixed to `batch` when given)."""
-    ov = import_openvino()
     cfg = cfg or OvConfig()
-    core = ov.Core()
+    core = _core()
     model = core.read_model(str(path))
     if batch:
         shapes = {}

@@ -6,6 +6,8 @@ and the split-conv slice folding keeps the math."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -190,6 +192,33 @@ def test_static_batch_engine_matches_dynamic(w8, tmp_path):
     # between ORT and PyTorch), never a different function (a swapped sample or batch layout is ~1.4)
     assert _rel(st(x, t).numpy(), dyn(x, t).numpy()).max() < 0.1
     assert list(st._static) == [3] and st.latency(batch=2, warmup=1, iters=2).iters == 2 and 2 in st._static
+
+
+def test_sigterm_after_static_engines_were_released_is_a_clean_interrupt(w8, tmp_path):
+    """Each Core's CPU plugin swaps the thread's signal stack; released out of order they left a freed one
+    installed and the next SIGTERM segfaulted. Run in a child process: a crash must fail this test, not pytest."""
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, os, signal, time, torch
+from engines.openvino import OvConfig, OvEngine
+x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 400, 900])
+dyn = OvEngine.from_onnx({str(w8[1])!r}, OvConfig(precision="f32"), out_dir={str(tmp_path / "d")!r})
+st = OvEngine.from_onnx({str(w8[1])!r}, OvConfig(precision="f32", static_batch=True), out_dir={str(tmp_path / "s")!r})
+st(x, t); dyn(x, t); st.latency(batch=2, warmup=1, iters=1)
+del st, dyn; gc.collect()
+def stop(signum, frame): raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, stop)
+try:
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)
+except KeyboardInterrupt:
+    print("interrupted cleanly")
+"""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0 and "interrupted cleanly" in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
 def test_engine_cli_openvino_and_choices_from_the_enum(w8, tmp_path):
