@@ -35,7 +35,7 @@ class BenchTarget:
     path: str
     precision: str = "default"   # openvino: INFERENCE_PRECISION_HINT (default = plugin's choice); else a label
     level: str = "all"           # onnxruntime graph optimization level for a plain ONNX file
-    static_batch: bool = False   # openvino: compile for the measured batch only (no dynamic shapes)
+    static_batch: bool = True    # openvino: compile for the measured batch only (the engine's default too)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,8 +63,8 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
         backend = info.backend
         if backend == "openvino":
             prec = info.options.get("precision", "default")
-            t = BenchTarget(**{**t.to_dict(), "static_batch": t.static_batch or info.options.get("static_batch",
-                                                                                                    False)})
+            # as the engine runs: manifests written before static became the default have no key (dynamic)
+            t = BenchTarget(**{**t.to_dict(), "static_batch": bool(info.options.get("static_batch", False))})
         path = info.path
     import onnx
 
@@ -93,7 +93,7 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
             req = (compile_onnx(path, cfg, batch=b) if t.static_batch else compiled).create_infer_request()
             return lambda f=feeds(b, s): req.infer(f)
 
-        return make, "openvino", label + (" static" if t.static_batch else "")
+        return make, "openvino", label + ("" if t.static_batch else " dynamic")
     if backend == "onnxruntime":
         level = t.level
         if t.backend == "engine":

@@ -185,8 +185,10 @@ def test_auto_on_cpu_keeps_the_measured_faster_engine(w8, tmp_path):
 
 def test_static_batch_engine_matches_dynamic(w8, tmp_path):
     _, path = w8
-    dyn = OvEngine.from_onnx(path, OvConfig(precision="f32"), out_dir=tmp_path / "d")
-    st = OvEngine.from_onnx(path, OvConfig(precision="f32", static_batch=True), out_dir=tmp_path / "s")
+    dyn = OvEngine.from_onnx(path, OvConfig(precision="f32", static_batch=False), out_dir=tmp_path / "d")
+    st = OvEngine.from_onnx(path, OvConfig(precision="f32"), out_dir=tmp_path / "s")  # static: the default
+    assert json.loads((tmp_path / "s" / "engine.json").read_text())["options"]["static_batch"] is True
+    assert dyn._request(3) is dyn.request and not dyn._static
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 400, 900])
     # other kernels for the static shape: 1-LSB rounding flips at some QuantizeLinear (a few % on a sample, as
     # between ORT and PyTorch), never a different function (a swapped sample or batch layout is ~1.4)

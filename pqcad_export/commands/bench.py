@@ -22,12 +22,13 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
-@click.option("--static", is_flag=True, help="also OpenVINO compiled for each batch's static shape")
+@click.option("--dynamic", is_flag=True, help="also OpenVINO with a dynamic batch dimension (the default, as the "
+              "engine runs, compiles each batch's static shape)")
 @click.option("--profile", is_flag=True, help="also time per op type (OpenVINO PERF_COUNT, ORT profiler) at the "
               "largest batch")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
 @friendly
-def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, static, profile,
+def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, dynamic, profile,
           json_out):
     """Time engines one process per (engine, batch), repetitions interleaved; medians, spread, ISA, threads."""
     import json
@@ -48,7 +49,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     with con.status("preparing engines..."):
-        targets = bench_targets(onnx_file, model, work, fp=not no_fp, static=static) + extra
+        targets = bench_targets(onnx_file, model, work, fp=not no_fp, dynamic=dynamic) + extra
     if not targets:
         raise UsageError("nothing to time: give --onnx, --target, or leave the FP references on")
     try:

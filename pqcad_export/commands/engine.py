@@ -27,11 +27,12 @@ from ..cli import friendly, main
 @click.option("--ov-precision", default="default", show_default=True,
               type=click.Choice(["default", "f32", "bf16", "f16"]),
               help="openvino: inference precision of the float parts (default = the plugin's, bf16 on AVX-512 BF16)")
-@click.option("--ov-static-batch", is_flag=True,
-              help="openvino: compile one static-shape model per batch it is called with (no dynamic shapes)")
+@click.option("--ov-dynamic-batch", is_flag=True,
+              help="openvino: one model with a dynamic batch dimension (default: one static-shape model compiled "
+                   "per batch it is called with, faster per call)")
 @friendly
 def engine(onnx_file, out, backend, max_batch, opt_batch, compute_capability, ort_mode, threads, ov_precision,
-           ov_static_batch):
+           ov_dynamic_batch):
     """Build an engine and write engine.json (backend, versions, per-layer precision, build log)."""
     from rich.console import Console
     from rich.table import Table
@@ -57,7 +58,7 @@ def engine(onnx_file, out, backend, max_batch, opt_batch, compute_capability, or
             info = build_engine(onnx_file, out, backend, trt_config=trt_cfg,
                                 ort_config=OrtConfig(mode=ort_mode, intra_op_threads=threads),
                                 ov_config=OvConfig(precision=ov_precision, threads=threads,
-                                                  static_batch=ov_static_batch))
+                                                  static_batch=not ov_dynamic_batch))
     except EngineError as exc:
         raise PqcadError(str(exc)) from None
     t = Table(title=f"{info.backend} {info.version} -> {out}")
