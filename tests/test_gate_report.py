@@ -28,9 +28,9 @@ def scored_run(tiny_attn_unet_dir, tmp_path_factory):
     """A tiny build (no FID in the build), then `compare --run` with --ref-images and two gates, one missed."""
     root = tmp_path_factory.mktemp("gate")
     out = root / "w4a8"
-    run_build(BuildConfig(bits="w4a8", model=str(tiny_attn_unet_dir), out=str(out), teacher_steps=10,
-                          student_steps=5, backend="onnxruntime", samples=4, compare_batch=2, quiet=True,
-                          overrides=TINY, no_fid=True))
+    run_build(BuildConfig.flat(bits="w4a8", model=str(tiny_attn_unet_dir), out=str(out), teacher_steps=10,
+                               student_steps=5, backend="onnxruntime", samples=4, compare_batch=2, quiet=True,
+                               overrides=TINY, no_fid=True))
     data = np.random.default_rng(0).integers(0, 256, (6, 1, 32, 32), dtype=np.uint8)
     np.save(root / "data.npy", data)
     mp = pytest.MonkeyPatch()

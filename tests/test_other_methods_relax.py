@@ -80,9 +80,9 @@ def test_build_relax_candidate_end_to_end(tiny_unet_dir, tmp_path):
 
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    run_build(BuildConfig(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=10, student_steps=5,
-                          backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY,
-                          no_fid=True, relax_frac=0.2, relax_where="x0"))
+    run_build(BuildConfig.flat(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=10, student_steps=5,
+                               backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY,
+                               no_fid=True, relax_frac=0.2, relax_where="x0"))
     rep = json.loads((out / "report" / "compare.json").read_text())
     assert len(rep["candidates"]) == 2
     main, rel = rep["candidates"]

@@ -33,7 +33,7 @@ def tiny_cfg(model_dir, out, **kw) -> BuildConfig:
     base = dict(bits="w4a8", model=str(model_dir), out=str(out), teacher_steps=10, student_steps=5,
                 backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY)
     base.update(kw)
-    return BuildConfig(**base)
+    return BuildConfig.flat(**base)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)  # same as the in-process runs (conftest): float reductions must match bit for bit
     from pqcad_export.pipeline.build import BuildConfig, run_build
-    cfg = BuildConfig(**json.loads(sys.argv[1]))
+    cfg = BuildConfig.flat(**json.loads(sys.argv[1]))
     run_build(cfg)
 """)
 
@@ -140,10 +140,10 @@ def test_kill_during_quantization_then_resume(tiny_attn_unet_dir, tmp_path):
     files = sorted(ckpt.glob("unit_*.safetensors"))[:len(finished)]  # blocks recorded as finished
     done = {p.name: p.stat().st_mtime_ns for p in files}
 
-    run_build(BuildConfig(**args))
+    run_build(BuildConfig.flat(**args))
     for name, mtime in done.items():  # finished blocks were not recomputed
         assert (ckpt / name).stat().st_mtime_ns == mtime, name
-    run_build(BuildConfig(**{**args, "out": str(clean)}))
+    run_build(BuildConfig.flat(**{**args, "out": str(clean)}))
     from safetensors.torch import load_file
 
     for rel in ("quant/quantized.safetensors", "student/quantized.safetensors"):
@@ -181,10 +181,10 @@ def test_budget_options_reach_the_stage_configs(monkeypatch, tmp_path):
     res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--preset", "paper", "--quant-iters", "800",
                                     "--distill-iters", "1000", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
-    assert seen[0].overrides == {"quant": {"iters": 800}, "student": {"iters": 1000}}
+    assert seen[0].overrides() == {"quant": {"iters": 800}, "student": {"iters": 1000}}
     from pqcad_export.quantize import ReconConfig
 
-    rcfg = ReconConfig.preset("paper", **seen[0].overrides["quant"])
+    rcfg = ReconConfig.preset("paper", **seen[0].overrides()["quant"])
     assert (rcfg.iters, rcfg.act_iters) == (800, ReconConfig.preset("paper").act_iters)
 
 
