@@ -21,15 +21,6 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`tools/test.sh` runs `-n N --dist loadgroup`), each test module goes to one worker, so a
-    module-scoped fixture is built once; modules marked with one `xdist_group` (those sharing `tiny_build`) go to
-    the same worker, so the session-scoped run is built once too."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 def _save(unet, path):
     unet.save_pretrained(str(path), safe_serialization=True)
     (path / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG))
@@ -91,8 +82,9 @@ def tiny_cond_unet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_build(tiny_attn_unet_dir, tmp_path_factory):
-    """One finished tiny w4a8 build of the attention UNet (every stage, FID on), built once per session and shared:
-    tests that only read a run use it as it is; a test that changes a run works on a copy (shutil.copytree)."""
+    """One finished tiny w4a8 build of the attention UNet (every stage, FID on), built once per session (per
+    pytest-xdist worker) and shared: tests that only read a run use it as it is; a test that changes a run works
+    on a copy (shutil.copytree)."""
     from pqcad_export.pipeline.build import run_build
 
     out = tmp_path_factory.mktemp("tiny_build") / "w4a8"

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from pqcad_export.cli import main
 from pqcad_export.pipeline.gate import GATE_METRICS, parse_gate
 
-pytestmark = pytest.mark.xdist_group("tiny_build")  # shares conftest.tiny_build with test_pipeline
 QUALITY_KEYS = ("kid", "kid_std", "kid_to_fp32", "psnr_to_fp32", "ssim_to_fp32")
 
 

@@ -18,7 +18,6 @@ from conftest import TINY, tiny_cfg  # noqa: F401  (TINY, tiny_cfg: imported fro
 from pqcad_export.cli import main
 from pqcad_export.pipeline.build import BuildConfig, run_build
 
-pytestmark = pytest.mark.xdist_group("tiny_build")  # shares conftest.tiny_build with test_gate_report
 REQUIRED = ("name", "backend", "precision", "steps", "unet_ms_per_call", "ms_per_image", "fid", "fid_to_fp32",
             "model_bytes")
 

@@ -8,7 +8,8 @@ if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q -m "not slow" "$@"; fi
 # compiled static-batch engines, SIGTERM ends in a segfault (docs/architecture.md, "Known issues").
 .venv/bin/python -m pytest -q -m "not slow" tests/test_robust_cad.py
 # The rest on one pytest-xdist worker per core (at most 4; every test is single-threaded, tests/conftest.py), each
-# test module on one worker so its module-scoped fixtures are built once. PQCAD_TEST_WORKERS=0: one process.
+# test module on one worker (--dist loadfile) so its module-scoped fixtures are built once. PQCAD_TEST_WORKERS=1:
+# one process.
 W="${PQCAD_TEST_WORKERS:-$(nproc)}"; [ "$W" -gt 4 ] && W=4
-XDIST=(); [ "$W" -gt 1 ] && XDIST=(-n "$W" --dist loadgroup)
+XDIST=(); [ "$W" -gt 1 ] && XDIST=(-n "$W" --dist loadfile)
 exec .venv/bin/python -m pytest -q -m "not slow" ${XDIST[@]+"${XDIST[@]}"} --ignore tests/test_robust_cad.py
