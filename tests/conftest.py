@@ -21,6 +21,29 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+# Test modules that share a session fixture run on one pytest-xdist worker (tools/test.sh: -n N --dist loadfile),
+# so the fixture is built once: module -> the module whose worker it joins.
+SAME_WORKER = {"tests/test_gate_report.py": "tests/test_pipeline.py"}  # both read tiny_build
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # no xdist: one process, nothing to schedule
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class _SharedFixtureScheduling(LoadFileScheduling):
+        """--dist loadfile, with SAME_WORKER's modules in one work unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(scope, scope)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadfile":
+            return _SharedFixtureScheduling(config, log)
+        return None
+
+
 def _save(unet, path):
     unet.save_pretrained(str(path), safe_serialization=True)
     (path / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG))

@@ -12,4 +12,6 @@ if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q -m "not slow" "$@"; fi
 # one process.
 W="${PQCAD_TEST_WORKERS:-$(nproc)}"; [ "$W" -gt 4 ] && W=4
 XDIST=(); [ "$W" -gt 1 ] && XDIST=(-n "$W" --dist loadfile)
+# one OpenMP thread per worker process: N workers on N cores, not N x N threads
+[ "$W" -gt 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m pytest -q -m "not slow" ${XDIST[@]+"${XDIST[@]}"} --ignore tests/test_robust_cad.py
