@@ -140,8 +140,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)  # same as the in-process runs (conftest): float reductions must match bit for bit
-    from conftest import TINY, tiny_cfg  # noqa: F401  (TINY, tiny_cfg: imported from here by other test modules)
-from pqcad_export.pipeline.build import BuildConfig, run_build
+    from pqcad_export.pipeline.build import BuildConfig, run_build
     cfg = BuildConfig.flat(**json.loads(sys.argv[1]))
     run_build(cfg)
 """)
