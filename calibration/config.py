@@ -49,7 +49,8 @@ class CalibConfig(ConfigBase):
     shard_size: int = 1024                # rows per safetensors shard (~12 MB for 3x32x32)
     seed: int = 0
     # -- PCR progressive calibration (calibration/pcr.py, arXiv 2311.06322); only used by strategy "pcr" ----
-    pcr_bits: Optional[str] = None        # wKaA of the model quantized between stages (required for pcr)
+    pcr_bits: Optional[BitSpec] = None    # the model quantized between stages (required for pcr); a 'wKaA'
+    #                                       string is parsed on construction; serialised as its name
     pcr_stages: int = 4                   # K contiguous stages from x_T to x_0 (the paper's per-step: K = T)
     pcr_method: str = "pq"                # quantize_model method between stages
     pcr_preset: str = Preset.QUICK.value  # ReconConfig preset between stages
@@ -67,6 +68,10 @@ class CalibConfig(ConfigBase):
                                         pcr_stages=2),
                Preset.PAPER.value: {}}
     OPTIONS = "calibration"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pcr_bits, str):  # parsed once, here: a bad 'wKaA' is a UsageError naming --bits
+            self.pcr_bits = parse_bits(self.pcr_bits)
 
     def validate(self) -> None:
         require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
@@ -94,7 +99,7 @@ class CalibConfig(ConfigBase):
         """The typed PCR settings; a UsageError when --bits is missing or malformed."""
         if not self.pcr_bits:
             raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
-        return PcrConfig(bits=parse_bits(self.pcr_bits), stages=self.pcr_stages, method=self.pcr_method,
+        return PcrConfig(bits=self.pcr_bits, stages=self.pcr_stages, method=self.pcr_method,
                          preset=parse_choice(Preset, self.pcr_preset, "pcr preset"), recon=dict(self.pcr_recon or {}))
 
     @property
@@ -105,8 +110,11 @@ class CalibConfig(ConfigBase):
         return self._drop_unused_pcr(asdict(self))
 
     def _drop_unused_pcr(self, d: dict[str, Any]) -> dict[str, Any]:
-        """pcr_* fields only matter for strategy pcr (keeps other strategies' resume keys unchanged)."""
-        return d if self.strategy == StrategyName.PCR else {k: v for k, v in d.items() if not k.startswith("pcr_")}
+        """pcr_* fields only matter for strategy pcr (keeps other strategies' resume keys unchanged); pcr_bits is
+        written as its 'wKaA' name, the form resume keys and manifests have always held."""
+        if self.strategy != StrategyName.PCR:
+            return {k: v for k, v in d.items() if not k.startswith("pcr_")}
+        return {**d, "pcr_bits": None if self.pcr_bits is None else self.pcr_bits.name}
 
     def cqc_dict(self) -> dict[str, Any]:
         """The fields that determine C_QC (what a resumed build compares)."""

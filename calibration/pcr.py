@@ -47,7 +47,8 @@ class PCR(Strategy):
 
     def describe(self) -> dict:
         return {"name": self.name, "n_per_step": self.cfg.n_per_step, "every_k": self.cfg.every_k,
-                "stages": self.cfg.pcr_stages, "bits": self.cfg.pcr_bits, "method": self.cfg.pcr_method,
+                "stages": self.cfg.pcr_stages, "bits": getattr(self.cfg.pcr_bits, "name", None),
+                "method": self.cfg.pcr_method,
                 "preset": self.cfg.pcr_preset, "recon_overrides": dict(self.cfg.pcr_recon or {})}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from calibration.storage import open_set
 from pqcad_export.bits import parse_bits
 from pqcad_export.metrics import InceptionFeatures, fid_from_features
 from pqcad_export.model_io import load_model
-from pqcad_export.quantize import ReconConfig, quantize_model
+from pqcad_export.quantize import ReconConfig
+from pqcad_export.quantize.stage import run_quantize
 from pqcad_export.quantize.progressive import delta_pert
 from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample, to_uint8
 
@@ -44,7 +46,7 @@ def main() -> None:
     dev = torch.device(args.device)
     teacher = load_model(args.model, dev)
     bits = parse_bits(args.bits)
-    cset = open_set(args.calib, "c_qc", expect_fingerprint=teacher.fingerprint)
+    open_set(args.calib, "c_qc", expect_fingerprint=teacher.fingerprint)  # a set of another model: refused first
     cfg = ReconConfig.preset(args.preset, seed=args.seed, progress=False)
     scfg = SamplerConfig(steps=args.steps, eta=0.0, batch_size=args.batch_size, seed=args.seed)
     ext = InceptionFeatures(args.weights, device=dev)
@@ -60,9 +62,8 @@ def main() -> None:
     logs = {}
     for m in args.methods.split(","):
         t1 = time.time()
-        batches = cset.iter_batches(batch_size=64, shuffle=True, seed=args.seed,
-                                    keys=["sample", "timestep"])
-        q = quantize_model(teacher, batches, bits, m, cfg, dev)
+        with tempfile.TemporaryDirectory() as qdir:  # the quantize stage, as `pqcad-export quantize` runs it
+            q = run_quantize(teacher, args.calib, bits, m, cfg, qdir, dev, seed=args.seed, keep_checkpoints=False)
         logs[m] = q.log
         fid = fid_from_features(feats(q), ref)
         res["methods"][m] = {"geomean_pert": q.log["geomean_pert"], "fid_to_fp32": round(fid, 4),

@@ -88,16 +88,13 @@ def main(argv=None) -> int:
 
 def _short_run(a, weighting: str) -> dict:
     """N distillation updates of the teacher under one KD weighting; the log's before/after readings."""
-    import json
-
-    from pqcad_export.distill import CadConfig, distill
+    from pqcad_export.distill import CadConfig, run_distill
 
     cfg = CadConfig.preset("quick", iters=a.train, batch_size=16, lr=a.lr, lr_act=2 * a.lr, gap_samples=32,
                            eval_images=16, calib_loss="none", kd_weighting=weighting, kd_teacher=a.kd_teacher,
                            dataset=a.data, n_train_images=2000, checkpoint_every=max(a.train, 1), seed=a.seed)
     out = Path(a.workdir) / weighting
-    distill(a.quantized, None, cfg, out, quiet=True)
-    log = json.loads((out / "cad_log.json").read_text())
+    log = run_distill(a.quantized, None, cfg, out, quiet=True).log
     run = {k: log[k] for k in ("config", "eval_before", "eval_after", "sample_gap_mse", "seconds", "training_images")}
     run["train_loss_every_10"] = [round(h["loss"], 5) for h in log["history"] if h["kind"] == "train"]
     run["student_moved"] = _moved(a.quantized, out)

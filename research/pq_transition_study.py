@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import CalibConfig
-from calibration.collect import calibrate
+from calibration import CalibConfig, run_calibrate
 from calibration.storage import open_set
 from pqcad_export.model_io import load_model
 from pqcad_export.quantize import PQConfig, ReconConfig, quantize_model
@@ -35,7 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(None)
-    calibrate(lm, CalibConfig.preset("quick", with_dc=False), a.work, quiet=True)
+    run_calibrate(lm, CalibConfig.preset("quick", with_dc=False), a.work, quiet=True)
     cset = open_set(a.work, "c_qc", expect_fingerprint=lm.fingerprint)
     variants = [("direct", "direct", PQConfig(window=20)), ("pq (detector)", "pq", PQConfig(window=20))]
     variants += [(f"pq forced at {f:g}", "pq", PQConfig(window=20, pi=0.0, force_fraction=f)) for f in a.force]

@@ -12,6 +12,7 @@ import argparse
 import ast
 import json
 import sys
+import tempfile
 import time
 
 
@@ -33,16 +34,19 @@ def main() -> int:
     from calibration.storage import open_set
     from pqcad_export.metrics import save_grid
     from pqcad_export.model_io import load_model
-    from pqcad_export.quantize import ReconConfig, quantize_model
+    from pqcad_export.bits import parse_bits
+    from pqcad_export.quantize import ReconConfig
+    from pqcad_export.quantize.stage import run_quantize
     from pqcad_export.sampling import SamplerConfig, TorchUNet, ddim_sample, to_uint8
 
     over = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
     teacher = load_model(None, "cpu")
-    cset = open_set(a.calib, "c_qc", expect_fingerprint=teacher.fingerprint)
+    open_set(a.calib, "c_qc", expect_fingerprint=teacher.fingerprint)  # a set of another model: refused first
     cfg = ReconConfig.preset(a.preset, **{"progress": False, **over})
     t0 = time.time()
-    q = quantize_model(teacher, cset.iter_batches(batch_size=64, shuffle=True, seed=0, keys=["sample", "timestep"]),
-                       a.bits, a.method, cfg, "cpu")
+    with tempfile.TemporaryDirectory() as qdir:  # the quantize stage, as `pqcad-export quantize` runs it
+        q = run_quantize(teacher, a.calib, parse_bits(a.bits), a.method, cfg, qdir, "cpu", seed=0,
+                         keep_checkpoints=False)
     sc = SamplerConfig(steps=a.steps, batch_size=a.samples, seed=0)
     fp = ddim_sample(TorchUNet(teacher.unet), teacher.scheduler_config, teacher.sample_shape, a.samples, sc)
     qs = ddim_sample(q, teacher.scheduler_config, teacher.sample_shape, a.samples, sc)

@@ -59,9 +59,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = None if a.model == "teacher" else str(cifar_model_dir(out.parent, a.seed)) if a.model == "cifar10-32" \
         else a.model
-    cfg = BuildConfig(bits=a.bits, model=model, out=str(out / "run"), preset=a.preset, backend=a.backend,
-                      device=a.device, seed=a.seed, samples=a.samples, no_fid=True, quiet=True,
-                      overrides=budget_overrides(a.quant_iters, a.act_iters, a.distill_iters))
+    cfg = BuildConfig.flat(bits=a.bits, model=model, out=str(out / "run"), preset=a.preset, backend=a.backend,
+                           device=a.device, seed=a.seed, samples=a.samples, no_fid=True, quiet=True,
+                           overrides=budget_overrides(a.quant_iters, a.act_iters, a.distill_iters))
     t0 = time.time()
     summary = run_build(cfg)
     stages = {r["stage"]: r["seconds"] for r in summary["stages"]}

@@ -39,3 +39,17 @@ def test_cli_distill_kd_teacher_fp(setup, tmp_path):
     r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "t")])
     assert r.exit_code == 1 and "kd-teacher fp needs the FP model" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "t" / "cad_train_images.safetensors").exists()
+
+
+def test_cli_distill_cond_file_on_an_unconditional_teacher_is_usage(setup, tmp_path):
+    """`distill --cond` reads the file against the quantized UNet (distill.run_distill): an unconditional one is
+    bad usage, refused in one line before any training image is drawn."""
+    import torch
+    from safetensors.torch import save_file
+
+    f = tmp_path / "prompts.safetensors"
+    save_file({"encoder_hidden_states": torch.zeros(2, 4, 16)}, str(f))
+    r = CliRunner().invoke(main, ["distill", "--quantized", str(setup["quant"]), "--calib", str(setup["calib"]),
+                                  "--out", str(tmp_path / "s"), "--cond", str(f), "--quiet"])
+    assert r.exit_code == 2 and "--cond given but the quantized UNet is unconditional" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s" / "cad_log.json").exists()

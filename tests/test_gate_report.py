@@ -11,26 +11,20 @@ import pytest
 from click.testing import CliRunner
 
 from pqcad_export.cli import main
-from pqcad_export.pipeline.build import BuildConfig, run_build
 from pqcad_export.pipeline.gate import GATE_METRICS, parse_gate
 
-TINY = {
-    "calib": {"n_per_step": 4, "every_k": 2, "batch_size": 4, "dc_trajectories": 2, "shard_size": 8},
-    "quant": {"iters": 6, "act_iters": 2, "batch_size": 4, "max_calib": 16, "capture_batch_size": 8},
-    "student": {"iters": 4, "batch_size": 2, "n_train_images": 4, "eval_images": 2, "eval_steps": 2,
-                "gap_samples": 2, "checkpoint_every": 2, "cdc_batch": 2, "log_every": 2},
-}
 QUALITY_KEYS = ("kid", "kid_std", "kid_to_fp32", "psnr_to_fp32", "ssim_to_fp32")
 
 
 @pytest.fixture(scope="module")
-def scored_run(tiny_attn_unet_dir, tmp_path_factory):
-    """A tiny build (no FID in the build), then `compare --run` with --ref-images and two gates, one missed."""
+def scored_run(tiny_build, tmp_path_factory):
+    """The session's tiny build (conftest), copied, then `compare --run` with --ref-images and two gates, one
+    missed."""
+    import shutil
+
     root = tmp_path_factory.mktemp("gate")
     out = root / "w4a8"
-    run_build(BuildConfig(bits="w4a8", model=str(tiny_attn_unet_dir), out=str(out), teacher_steps=10,
-                          student_steps=5, backend="onnxruntime", samples=4, compare_batch=2, quiet=True,
-                          overrides=TINY, no_fid=True))
+    shutil.copytree(tiny_build[0], out)
     data = np.random.default_rng(0).integers(0, 256, (6, 1, 32, 32), dtype=np.uint8)
     np.save(root / "data.npy", data)
     mp = pytest.MonkeyPatch()

@@ -97,14 +97,33 @@ def test_pcr_config_and_cli_errors(tmp_path):
     assert r.exit_code == 2
 
 
+def test_pcr_bits_is_a_bitspec_with_the_old_serialised_key():
+    """pcr_bits is parsed once into a BitSpec, yet the config's serialised form (the calibration resume key and the
+    manifest's config) is the 'wKaA' string it always was: run directories made before still resume."""
+    from pqcad_export.bits import parse_bits
+
+    kw = dict(strategy="pcr", pcr_method="direct", pcr_recon={"iters": 4})
+    a = CalibConfig.preset("quick", pcr_bits="w4a8", **kw)
+    b = CalibConfig.preset("quick", pcr_bits=parse_bits("w4a8"), **kw)
+    assert a.pcr_bits == b.pcr_bits == parse_bits("w4a8") and a.pcr().bits == parse_bits("w4a8")
+    assert a.to_dict()["pcr_bits"] == b.cqc_dict()["pcr_bits"] == "w4a8"
+    # the digests of the string-field config (computed before the change): the keys of existing run dirs
+    import hashlib
+
+    assert a.fingerprint() == b.fingerprint() == "4174085a7ade8475"
+    assert hashlib.sha1(json.dumps(b.cqc_dict(), sort_keys=True).encode()).hexdigest()[:16] == "bb0dfeebc2b91d78"
+    with pytest.raises(UsageError, match="unsupported --bits 'w5a8'"):
+        CalibConfig.preset("quick", pcr_bits="w5a8", **kw)
+
+
 def test_build_calib_strategy_pcr(tiny_unet_dir, tmp_path):
     from pqcad_export.pipeline.build import BuildConfig, run_build
 
     over = {"calib": {"n_per_step": 2, "every_k": 2, "batch_size": 2, "dc_trajectories": 2, "shard_size": 8},
             "quant": dict(TINY_RECON)}
     out = tmp_path / "run"
-    run_build(BuildConfig(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=6, student_steps=3,
-                          method="direct", calib_strategy="pcr", quiet=True, overrides=over, stop_after="calib"))
+    run_build(BuildConfig.flat(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=6, student_steps=3,
+                               method="direct", calib_strategy="pcr", quiet=True, overrides=over, stop_after="calib"))
     man = json.loads((out / "calib" / "c_qc" / "manifest.json").read_text())
     assert man["strategy"]["name"] == "pcr" and man["strategy"]["bits"] == "w8a8"
     assert man["strategy"]["method"] == "direct" and man["strategy"]["recon_overrides"]["iters"] == 4

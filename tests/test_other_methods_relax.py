@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import TINY
 from engines.relax import RelaxedUNet, average_act_bits, relaxed_timesteps
 from pqcad_export.model_io import DEFAULT_SCHEDULER_CONFIG
 from pqcad_export.sampling import SamplerConfig, ddim_sample, ddim_timesteps
@@ -67,12 +68,9 @@ def test_schedule_validation_and_average_bits():
     assert average_act_bits(50, 5, 8, 16) == pytest.approx(8.8)
 
 
-TINY = {
-    "calib": {"n_per_step": 4, "every_k": 2, "batch_size": 4, "dc_trajectories": 2, "shard_size": 8},
-    "quant": {"iters": 6, "act_iters": 2, "batch_size": 4, "max_calib": 16, "capture_batch_size": 8},
-    "student": {"iters": 4, "batch_size": 2, "n_train_images": 4, "eval_images": 2, "eval_steps": 2,
-                "gap_samples": 2, "checkpoint_every": 2, "cdc_batch": 2, "log_every": 2},
-}
+# the conftest budgets; this run's report is about the relaxed candidate, so it skips the FP engine references
+# (test_openvino covers them)
+TINY_NO_REFS = {**TINY, "compare": {**TINY["compare"], "fp_references": False}}
 
 
 def test_build_relax_candidate_end_to_end(tiny_unet_dir, tmp_path):
@@ -80,9 +78,9 @@ def test_build_relax_candidate_end_to_end(tiny_unet_dir, tmp_path):
 
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    run_build(BuildConfig(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=10, student_steps=5,
-                          backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY,
-                          no_fid=True, relax_frac=0.2, relax_where="x0"))
+    run_build(BuildConfig.flat(bits="w8a8", model=str(tiny_unet_dir), out=str(out), teacher_steps=10, student_steps=5,
+                               backend="onnxruntime", samples=4, compare_batch=2, quiet=True,
+                               overrides=TINY_NO_REFS, no_fid=True, relax_frac=0.2, relax_where="x0"))
     rep = json.loads((out / "report" / "compare.json").read_text())
     assert len(rep["candidates"]) == 2
     main, rel = rep["candidates"]

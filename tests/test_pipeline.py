@@ -14,33 +14,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import TINY, tiny_cfg  # noqa: F401  (TINY, tiny_cfg: imported from here by other test modules)
 from pqcad_export.cli import main
 from pqcad_export.pipeline.build import BuildConfig, run_build
 
 REQUIRED = ("name", "backend", "precision", "steps", "unet_ms_per_call", "ms_per_image", "fid", "fid_to_fp32",
             "model_bytes")
 
-# Tiny everything: 10 teacher steps -> 5 student steps, a few iterations per stage.
-TINY = {
-    "calib": {"n_per_step": 4, "every_k": 2, "batch_size": 4, "dc_trajectories": 2, "shard_size": 8},
-    "quant": {"iters": 6, "act_iters": 2, "batch_size": 4, "max_calib": 16, "capture_batch_size": 8},
-    "student": {"iters": 4, "batch_size": 2, "n_train_images": 4, "eval_images": 2, "eval_steps": 2,
-                "gap_samples": 2, "checkpoint_every": 2, "cdc_batch": 2, "log_every": 2},
-}
-
-
-def tiny_cfg(model_dir, out, **kw) -> BuildConfig:
-    base = dict(bits="w4a8", model=str(model_dir), out=str(out), teacher_steps=10, student_steps=5,
-                backend="onnxruntime", samples=4, compare_batch=2, quiet=True, overrides=TINY)
-    base.update(kw)
-    return BuildConfig(**base)
-
 
 @pytest.fixture(scope="module")
-def built(tiny_attn_unet_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "w4a8"
-    summary = run_build(tiny_cfg(tiny_attn_unet_dir, out))
-    return out, summary
+def built(tiny_build):
+    return tiny_build  # conftest: built once per session, also read by test_gate_report (on a copy)
 
 
 def test_build_end_to_end_artifacts(built):
@@ -109,12 +93,55 @@ def test_kd_teacher_fp_retrains_only_the_student(built, tiny_attn_unet_dir, tmp_
     assert json.loads((out / "student/cad_log.json").read_text())["config"]["kd_teacher"] == "quantized"
 
 
+# Stage keys computed by the code before BuildConfig grouped its options per stage (commit 733bf80), for a model
+# fingerprint fixed to "fixed-fingerprint": a run directory made then must resume now.
+KEYS_BEFORE_GROUPING = {
+    "defaults": ["b327a5fdbcfd463f", "491ecdee39a527d0", "ed12a72de231b06c", "4cb61b9e7f5f334e", "3dc4261e578a12f3",
+                 "3ec4874fcad69f0e"],
+    "pcr": ["9e58d69343312a82", "3e55cbb3e90e5c9a", "ef2d1e9ff71a5106", "dcd263ee99b5c0ac", "4f92d53ab372e9cb",
+            "fa782e8db78c2bba"],
+    "options": ["b327a5fdbcfd463f", "c53301debb65aefa", "4366204cea94aecd", "b284fcf15d19c024", "9bbb855e1bf68f66",
+                "dcaa2ee97e43c7d7"],
+}
+
+
+def test_stage_keys_unchanged_by_the_option_grouping(tiny_unet_dir, tmp_path, monkeypatch):
+    """Every stage key of the same options (defaults, PCR calibration, every stage option set) is the key the flat
+    BuildConfig gave; the stages themselves are not run (each counts as done)."""
+    import pqcad_export.pipeline.build as pbuild
+    from pqcad_export.pipeline.run_dir import RunDir, stage_key
+
+    seen: list[str] = []
+    monkeypatch.setattr(pbuild, "stage_key", lambda *parts: seen.append(stage_key(*parts)) or seen[-1])
+    monkeypatch.setattr(RunDir, "is_done", lambda self, *a, **k: True)
+    load = pbuild.load_teacher
+
+    def fixed(*a, **k):
+        t = load(*a, **k)
+        t.fingerprint = "fixed-fingerprint"
+        return t
+
+    monkeypatch.setattr(pbuild, "load_teacher", fixed)
+    variants = {
+        "defaults": {"overrides": {}},
+        "pcr": {"calib_strategy": "pcr", "overrides": {"quant": {"iters": 6, "act_iters": 2}}},
+        "options": {"method": "direct", "recon_loss": "fbr", "qdrop": 0.5, "mixed_precision": "off",
+                    "calib_loss": "swd", "lam": 0.5, "kd_teacher": "fp", "samples": 7, "latency_batch": 2,
+                    "relax_frac": 0.2, "include_torch_student": True,
+                    "overrides": {"quant": {"iters": 6}, "student": {"iters": 3}}},
+    }
+    for name, kw in variants.items():
+        seen.clear()
+        run_build(tiny_cfg(tiny_unet_dir, tmp_path / name, **kw))
+        assert seen == KEYS_BEFORE_GROUPING[name], name
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)  # same as the in-process runs (conftest): float reductions must match bit for bit
     from pqcad_export.pipeline.build import BuildConfig, run_build
-    cfg = BuildConfig(**json.loads(sys.argv[1]))
+    cfg = BuildConfig.flat(**json.loads(sys.argv[1]))
     run_build(cfg)
 """)
 
@@ -140,10 +167,10 @@ def test_kill_during_quantization_then_resume(tiny_attn_unet_dir, tmp_path):
     files = sorted(ckpt.glob("unit_*.safetensors"))[:len(finished)]  # blocks recorded as finished
     done = {p.name: p.stat().st_mtime_ns for p in files}
 
-    run_build(BuildConfig(**args))
+    run_build(BuildConfig.flat(**args))
     for name, mtime in done.items():  # finished blocks were not recomputed
         assert (ckpt / name).stat().st_mtime_ns == mtime, name
-    run_build(BuildConfig(**{**args, "out": str(clean)}))
+    run_build(BuildConfig.flat(**{**args, "out": str(clean)}))
     from safetensors.torch import load_file
 
     for rel in ("quant/quantized.safetensors", "student/quantized.safetensors"):
@@ -179,12 +206,15 @@ def test_budget_options_reach_the_stage_configs(monkeypatch, tmp_path):
     monkeypatch.setattr(pbuild, "run_build", lambda cfg: seen.append(cfg) or {})
     monkeypatch.setattr(psummary, "print_summary", lambda summary: None)
     res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--preset", "paper", "--quant-iters", "800",
-                                    "--distill-iters", "1000", "--out", str(tmp_path / "r")])
+                                    "--distill-iters", "1000", "--out", str(tmp_path / "r"), "--method", "direct",
+                                    "--calib-strategy", "tdac", "--calib-loss", "swd", "--samples", "7"])
     assert res.exit_code == 0, res.output
-    assert seen[0].overrides == {"quant": {"iters": 800}, "student": {"iters": 1000}}
+    assert seen[0].overrides() == {"quant": {"iters": 800}, "student": {"iters": 1000}}
+    c = seen[0]  # each flag lands in its stage's group
+    assert (c.calib.strategy, c.quant.method, c.distill.calib_loss, c.compare.samples) == ("tdac", "direct", "swd", 7)
     from pqcad_export.quantize import ReconConfig
 
-    rcfg = ReconConfig.preset("paper", **seen[0].overrides["quant"])
+    rcfg = ReconConfig.preset("paper", **seen[0].overrides()["quant"])
     assert (rcfg.iters, rcfg.act_iters) == (800, ReconConfig.preset("paper").act_iters)
 
 

@@ -61,7 +61,7 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from pqcad_export.cli import friendly
     from pqcad_export.pipeline.build import BuildConfig, run_build
-    friendly(lambda: run_build(BuildConfig(**json.loads(sys.argv[1]))))()
+    friendly(lambda: run_build(BuildConfig.flat(**json.loads(sys.argv[1]))))()
 """)
 
 
@@ -87,7 +87,7 @@ def test_sigterm_ends_like_ctrl_c_and_the_rerun_reports_reused_blocks(tiny_unet_
     assert st["calib"]["status"] == "done" and st["quant"]["status"] == "failed"
     n_done = len(json.loads((ckpt / "progress.json").read_text())["done"])
     assert n_done >= 1
-    run_build(BuildConfig(**args))  # the lock went with the terminated process
+    run_build(BuildConfig.flat(**args))  # the lock went with the terminated process
     q = json.loads((out / "run.json").read_text())["stages"]["quant"]
     assert q["status"] == "done" and q["resumed"] is True and q["reused_blocks"] == n_done
     assert q["rerun_after_interruption"] is True

@@ -80,22 +80,28 @@ def build(bits, model, out, preset, method, calib_strategy, calib_loss, lam, kd_
     from pathlib import Path
 
     from ..bits import parse_bits
-    from ..pipeline.build import BuildConfig, budget_overrides, run_build
+    from ..pipeline.build import run_build
+    from ..pipeline.build_config import (BuildConfig, CalibOptions, CompareOptions, DistillOptions, QuantOptions,
+                                         budget_overrides)
     from ..pipeline.gate import apply_gates, parse_gates, raise_if_failed
     from ..pipeline.summary import print_summary
 
     gate_list = parse_gates(gates, no_fid=no_fid)  # malformed / unknown gates: exit 2 before any work
     spec = parse_bits(bits)  # fail on a bad --bits before anything is created
     cfg = BuildConfig(bits=spec.name, model=model, out=out or f"runs/{spec.name}",
-                      preset=preset or ("paper" if device.startswith("cuda") else "quick"), method=method,
-                      calib_strategy=calib_strategy, calib_loss=calib_loss, lam=lam, kd_teacher=kd_teacher,
+                      preset=preset or ("paper" if device.startswith("cuda") else "quick"),
                       teacher_steps=teacher_steps, student_steps=student_steps, backend=backend, device=device,
-                      seed=seed, samples=samples, latency_batch=latency_batch,
-                      include_torch_student=include_torch_student, no_fid=no_fid, resume=resume, quiet=quiet,
-                      recon_loss=recon_loss, qdrop=qdrop, relax_frac=relax_frac, relax_where=relax_where,
-                      overrides=budget_overrides(quant_iters, act_iters, distill_iters), cond=cond,
-                      mixed_precision=mixed_precision, fp_budget=fp_budget, w8_budget=w8_budget,
-                      ref_images=ref_images)
+                      seed=seed, resume=resume, quiet=quiet, cond=cond,
+                      calib=CalibOptions(strategy=calib_strategy),
+                      quant=QuantOptions(method=method, recon_loss=recon_loss, qdrop=qdrop,
+                                         mixed_precision=mixed_precision, fp_budget=fp_budget, w8_budget=w8_budget),
+                      distill=DistillOptions(calib_loss=calib_loss, lam=lam, kd_teacher=kd_teacher),
+                      compare=CompareOptions(samples=samples, latency_batch=latency_batch,
+                                             include_torch_student=include_torch_student, no_fid=no_fid,
+                                             relax_frac=relax_frac, relax_where=relax_where, ref_images=ref_images))
+    budget = budget_overrides(quant_iters, act_iters, distill_iters)
+    cfg.quant.overrides.update(budget.get("quant", {}))
+    cfg.distill.overrides.update(budget.get("student", {}))
     summary = run_build(cfg)
     if gate_list:
         summary["compare"] = apply_gates(Path(summary["run"]) / "report" / "compare.json", gate_list)

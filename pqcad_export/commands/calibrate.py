@@ -38,7 +38,7 @@ STRATEGY_NAMES = ("uniform", "ndtc", "tdac", "pcr")
 def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total, n_trajectories, with_dc, dc_size,
               dc_trajectories, batch_size, seed, device, quiet, bits=None, pcr_stages=None, cond=None):
     """Collect time-step-aware calibration inputs (z_t, t[, cond]) into safetensors shards + manifest.json."""
-    from calibration import CalibConfig, calibrate as run_calibration
+    from calibration import CalibConfig, run_calibrate
     from pqcad_export.errors import UsageError
     from pqcad_export.model_io import load_model
 
@@ -51,7 +51,7 @@ def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total,
 
         if not bits:
             raise UsageError("--strategy pcr quantizes while collecting: give --bits (e.g. w4a8)")
-        cfg = cfg.with_overrides(pcr_bits=parse_bits(bits).name)
+        cfg = cfg.with_overrides(pcr_bits=parse_bits(bits))
     from pqcad_export import checks
     from pqcad_export.conditioning import resolve_conditioning
     from pqcad_export.model_io import check_finite
@@ -60,14 +60,10 @@ def calibrate(model, out, steps, strategy, preset, n_per_step, every_k, n_total,
     checks.device(device)
     loaded = load_model(model, device)  # one-line PqcadError before anything is written
     loaded.cond = resolve_conditioning(loaded, cond)
-    rows = None
     if loaded.cond is not None:
-        from calibration.strategies import get_strategy
-
-        rows = loaded.cond.rows(max(get_strategy(cfg).n_trajectories(cfg.steps), cfg.dc_trajectories))
         click.echo(f"conditioning: {loaded.cond.label}")
-    check_finite(loaded, None if rows is None else rows[:2])  # NaN/inf model: refused before any trajectory
-    result = run_calibration(loaded, cfg, out_dir, device=device, quiet=quiet, cond=rows)
+    check_finite(loaded, None if loaded.cond is None else loaded.cond.rows(2))  # NaN/inf: refused before any work
+    result = run_calibrate(loaded, cfg, out_dir, device=device, quiet=quiet)
     for kind, man in result.items():
         if man is None:
             continue

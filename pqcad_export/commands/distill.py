@@ -3,9 +3,6 @@ teacher, with the C_DC calibration loss of Eq. (8)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from ..cli import PRESETS, cond_option, friendly, main
@@ -49,8 +46,7 @@ def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, pr
     Resumes from OUT/cad_checkpoint.pt after an interruption; writes the student in the quantized format
     (steps: 50) plus OUT/cad_log.json.
     """
-    from ..distill import CadConfig
-    from ..distill import distill as run
+    from ..distill import CadConfig, run_distill
 
     from .. import checks
 
@@ -58,18 +54,8 @@ def distill(quantized, calib, out, calib_loss, lam, kd_weighting, kd_teacher, pr
                            iters=iters, batch_size=batch_size, dataset=data, seed=seed)
     checks.writable_dir(out)
     checks.device(device)
-    cobj = None
-    if cond:
-        from ..conditioning import cross_attention_dim, load_conditioning
-        from ..errors import UsageError
-        from ..quantize import load_quantized
-
-        quantized = load_quantized(quantized, device)
-        if not quantized.is_conditional:
-            raise UsageError("--cond given but the quantized UNet is unconditional")
-        cobj = load_conditioning(cond, cross_attention_dim(quantized.unet))
-    student = run(quantized, calib, cfg, out, device=device, fp_model=model, quiet=quiet, cond=cobj)
-    log = json.loads((Path(out) / "cad_log.json").read_text())
+    res = run_distill(quantized, calib, cfg, out, device, fp_model=model, cond=cond, quiet=quiet)
+    student, log = res.student, res.log
     b, a = log["eval_before"], log["eval_after"]
     click.echo(f"student: {student.bits.name}, {student.steps} steps -> {out}")
     click.echo(f"CAD loss on the fixed eval batch: {b['loss']:.4g} -> {a['loss']:.4g} "

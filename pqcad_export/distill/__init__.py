@@ -1,6 +1,7 @@
 """Calibration-Assisted Distillation (CAD, arXiv 2506.16776 Alg. 4 / Eq. (8)): a quantized 50-step student from
-the quantized 100-step teacher. `distill(...)` is what the build pipeline and `pqcad-export distill` call;
-`distill_fp(...)` is the FP Distill-only baseline of the paper's tables (the same distillation, unquantized).
+the quantized 100-step teacher. `run_distill(...)` (stage.py) is the stage the build pipeline, `pqcad-export
+distill` and research call; `distill_fp(...)` is the FP Distill-only baseline of the paper's tables (the same
+distillation, unquantized).
 
 Names load on first use (PEP 562), so the CLI can read the choice sets (distill.choices) without importing torch
 and POT."""
@@ -13,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     ".cad": ("CdcBank", "CadResult", "distill", "distill_fp", "load_cdc", "run_cad", "training_images"),
     ".config": ("CadConfig",),
+    ".stage": ("Distilled", "run_distill"),
     ".losses": ("LOSSES", "calibration_loss", "cosine_loss", "em_distance", "js_divergence", "kl_divergence",
                 "sliced_wasserstein"),
     ".student": ("freeze_student", "prepare_student"),

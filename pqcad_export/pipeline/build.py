@@ -7,105 +7,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-from ..bits import BitSpec, parse_bits
+from ..bits import BitSpec
 from ..errors import PqcadError, UsageError
 from ..model_io import LoadedModel
+from .build_config import BuildConfig, budget_overrides  # noqa: F401  (re-exported: the build's public names)
 from .candidates import run_candidates
-from .compare import CompareConfig, run_compare
-from .conditional import calib_cond_rows, export_configs
-from .preflight import dry_stage_configs, load_teacher
+from .compare import run_compare
+from .conditional import export_configs
+from .preflight import load_teacher
 from .run_dir import RunDir, stage_key
-
-from engines import BACKENDS  # noqa: E402  (one list: engines.Backend)
-
-
-@dataclass
-class BuildConfig:
-    bits: str = "w4a8"
-    model: Optional[str] = None              # None = built-in teacher
-    out: str = "runs/w4a8"
-    preset: str = "quick"
-    method: str = "pq"                       # pq | direct | bitshrink
-    calib_strategy: str = "uniform"
-    calib_loss: str = "em"
-    lam: Optional[float] = None
-    kd_teacher: Optional[str] = None         # CAD's KD target: None = the preset's (quantized, paper) | fp
-    teacher_steps: int = 100
-    student_steps: int = 50
-    backend: str = "auto"
-    device: str = "cpu"
-    seed: int = 0
-    samples: Optional[int] = None            # compare: images per model (None = preset)
-    compare_batch: Optional[int] = None
-    latency_batch: Optional[int] = None
-    include_torch_student: bool = False
-    no_fid: bool = False
-    resume: bool = True
-    quiet: bool = False
-    stop_after: Optional[str] = None         # run stages up to and including this one (debugging, tests)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-stage config overrides (budgets, tests)
-    recon_loss: str = "block"                # quant: block | fbr (EDA-DM fine-grained block reconstruction)
-    qdrop: Optional[float] = None            # quant: QDrop probability in the LSQ phase (None = preset's)
-    relax_frac: Optional[float] = None       # compare: + PCR activation-relaxing candidate (0.05-0.2 of steps)
-    relax_where: str = "x0"                  # x0 (fidelity) | xT (structure): which end of the trajectory
-    cond: Optional[str] = None               # conditional UNets: --cond FILE.safetensors (None = labelled default)
-    mixed_precision: str = "auto"            # quant: auto (sensitivity plan, quantize/plan.py) | off
-    fp_budget: Optional[float] = None        # quant: max fraction of MACs with FP inputs (None = default)
-    w8_budget: Optional[float] = None        # quant: max fraction of weights kept at 8 bits (None = default)
-    ref_images: Optional[str] = None         # compare: data images for fid/kid (None: the shipped statistics)
-
-    def validate(self) -> BitSpec:
-        """Every option, before anything is loaded or written (one UsageError line each)."""
-        from .. import checks
-
-        bits = parse_bits(self.bits)
-        for flag, v in (("--samples", self.samples), ("--latency-batch", self.latency_batch),
-                        ("compare batch", self.compare_batch), ("--teacher-steps", self.teacher_steps)):
-            checks.positive(flag, v)
-        checks.positive("--seed", self.seed, allow_zero=True)
-        checks.positive("--lambda", self.lam, allow_zero=True)
-        checks.in_range("--qdrop", self.qdrop, 0.0, 1.0)
-        for stage_name, over in (self.overrides or {}).items():
-            for k, v in over.items():
-                if k.endswith("iters") and isinstance(v, (int, float)):
-                    checks.positive(f"{stage_name} {k}", v, allow_zero=True)
-        checks.writable_dir(self.out)
-        checks.device(self.device)
-        if self.backend not in BACKENDS:
-            raise UsageError(f"unknown backend '{self.backend}': expected one of {', '.join(BACKENDS)}")
-        if self.method not in ("pq", "direct", "bitshrink", "rtn"):
-            raise UsageError(f"unknown method '{self.method}': expected pq, direct, bitshrink or rtn")
-        from ..quantize.plan import plan_overrides
-
-        plan_overrides(self.mixed_precision, self.fp_budget, self.w8_budget)
-        if self.student_steps * 2 != self.teacher_steps:
-            raise UsageError(f"CAD halves the steps: --student-steps must be --teacher-steps / 2 "
-                             f"({self.teacher_steps} / 2), got {self.student_steps}")
-        if self.preset not in ("quick", "paper"):
-            raise UsageError(f"unknown preset '{self.preset}': expected quick or paper")
-        if self.relax_frac is not None:
-            from .relax import check_relax
-
-            check_relax(self.relax_frac, self.relax_where)
-        dry_stage_configs(self)
-        return bits
-
-def budget_overrides(quant_iters: Optional[int] = None, act_iters: Optional[int] = None,
-                     distill_iters: Optional[int] = None) -> dict[str, dict[str, Any]]:
-    """BuildConfig.overrides for an iteration budget (the preset's algorithm, fewer iterations); None keeps the
-    preset's value."""
-    for flag, v in (("--quant-iters", quant_iters), ("--act-iters", act_iters), ("--distill-iters", distill_iters)):
-        if v is not None and v < 0:
-            raise UsageError(f"{flag} must be >= 0, got {v}")
-    quant = {k: v for k, v in (("iters", quant_iters), ("act_iters", act_iters)) if v is not None}
-    student = {"iters": distill_iters} if distill_iters is not None else {}
-    return {k: v for k, v in (("quant", quant), ("student", student)) if v}
+from .stage_configs import stage_configs
 
 
 def _say(cfg: BuildConfig, msg: str) -> None:
@@ -162,29 +79,17 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         facts = info.pop("_resume", None) if isinstance(info, dict) else None
         run.finish(name, info, facts)
 
+    sc = stage_configs(cfg, bits)  # built exactly as BuildConfig.validate() built them dry
+    ccfg, rcfg, dcfg, ccmp = sc.calib, sc.quant, sc.student, sc.compare
+    method = cfg.quant.method
+
     # 1. calibration: C_QC + C_DC from the FP teacher
-    from calibration.config import CalibConfig
-
-    qover = dict(cfg.overrides.get("quant", {}))
-    if cfg.recon_loss != "block":
-        qover.setdefault("recon_loss", cfg.recon_loss)
-    if cfg.qdrop is not None:
-        qover.setdefault("qdrop_prob", cfg.qdrop)
-    from ..quantize.plan import plan_overrides
-
-    for k, v in plan_overrides(cfg.mixed_precision, cfg.fp_budget, cfg.w8_budget).items():
-        qover.setdefault(k, v)  # the plan and its budgets enter the quant stage key via rcfg.key_dict()
-    pcr = {}
-    if cfg.calib_strategy == "pcr":  # PCR quantizes between stages: same bits, method and settings as stage 2
-        pcr = {"pcr_bits": bits.name, "pcr_method": cfg.method, "pcr_preset": cfg.preset, "pcr_recon": qover}
-    ccfg = CalibConfig.preset(cfg.preset, steps=cfg.teacher_steps, strategy=cfg.calib_strategy, seed=cfg.seed,
-                              **{**pcr, **cfg.overrides.get("calib", {})})
     calib_dir = run.path("calib")
 
     def do_calib():
-        from calibration.collect import calibrate
+        from calibration.stage import run_calibrate
 
-        res = calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet, cond=calib_cond_rows(cond, ccfg))
+        res = run_calibrate(teacher, ccfg, calib_dir, device, quiet=cfg.quiet)
         return {k: (v or {}).get("count") for k, v in res.items()}
 
     # everything that changes C_QC / C_DC: the weights, the scheduler config, the conditioning, the settings
@@ -198,43 +103,34 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         return _summary(cfg, run, t_all)
 
     # 2. quantization (PQ by default)
-    from ..quantize import ReconConfig
-
-    # --quiet silences the per-block bars too (progress is not part of the stage key)
-    rcfg = ReconConfig.preset(cfg.preset, **{**qover, **({"progress": False} if cfg.quiet else {})})
     quant_dir = run.path("quant")
 
     def do_quant():
         from ..quantize.stage import run_quantize
 
-        qm = run_quantize(teacher, calib_dir, bits, cfg.method, rcfg, quant_dir, device, seed=cfg.seed,
+        qm = run_quantize(teacher, calib_dir, bits, method, rcfg, quant_dir, device, seed=cfg.seed,
                           meta={"steps": cfg.teacher_steps},
                           conditioning=None if cond is None else cond.describe())
         reused = int(qm.log.get("reused_units", 0))
         if reused:
             _say(cfg, f"  reused {reused} of {len(qm.log['units'])} quantized blocks from checkpoints")
-        return {"bits": bits.name, "method": cfg.method,
+        return {"bits": bits.name, "method": method,
                 "_resume": {"resumed": reused > 0, "reused_blocks": reused, "blocks": len(qm.log["units"])}}
 
-    stage(2, "quant", stage_key("quant", keys["calib"], bits.name, cfg.method, rcfg.key_dict(), cfg.seed),
-          ("quant/quant.json",), do_quant, f"{bits.name} block reconstruction, method {cfg.method}")
+    stage(2, "quant", stage_key("quant", keys["calib"], bits.name, method, rcfg.key_dict(), cfg.seed),
+          ("quant/quant.json",), do_quant, f"{bits.name} block reconstruction, method {method}")
     if cfg.stop_after == "quant":
         return _summary(cfg, run, t_all)
 
     # 3. distillation (CAD): 100-step quantized teacher -> 50-step quantized student
-    from ..distill.config import CadConfig
-
-    dover = dict(cfg.overrides.get("student", {}))
-    dcfg = CadConfig.preset(cfg.preset, calib_loss=cfg.calib_loss, lam=cfg.lam, kd_teacher=cfg.kd_teacher,
-                            seed=cfg.seed, teacher_steps=cfg.teacher_steps, **dover)
     student_dir = run.path("student")
 
     def do_student():
-        from ..distill.cad import distill
+        from ..distill.stage import run_distill
 
-        st = distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, quiet=cfg.quiet,
-                     cond=cond)
-        start = json.loads((student_dir / "cad_log.json").read_text()).get("resumed_from")
+        res = run_distill(quant_dir, calib_dir, dcfg, student_dir, device, fp_model=teacher.unet, cond=cond,
+                          quiet=cfg.quiet)
+        st, start = res.student, res.log.get("resumed_from")
         if start:
             _say(cfg, f"  resumed CAD from its checkpoint at update {start} of {dcfg.iters}")
         return {"steps": st.steps, "calib_loss": dcfg.calib_loss,
@@ -281,23 +177,21 @@ def _run_stages(cfg: BuildConfig, bits: BitSpec, teacher: LoadedModel, device: t
         return _summary(cfg, run, t_all)
 
     # 6. compare against the FP32 100-step teacher
-    ccmp = CompareConfig.preset(cfg.preset, seed=cfg.seed, device=cfg.device, samples=cfg.samples,
-                                batch_size=cfg.compare_batch, latency_batch=cfg.latency_batch,
-                                teacher_steps=cfg.teacher_steps, no_fid=cfg.no_fid, ref_images=cfg.ref_images)
+    m = cfg.compare
 
     def do_report():
-        cands = run_candidates(run.root, teacher, bits, cfg.include_torch_student, device, cond)
-        if cfg.relax_frac is not None:  # PCR activation relaxing: INT8 engine + a no-activation-QDQ engine
+        cands = run_candidates(run.root, teacher, bits, m.include_torch_student, device, cond)
+        if m.relax_frac is not None:  # PCR activation relaxing: INT8 engine + a no-activation-QDQ engine
             from .relax import build_relaxed_engine, relax_candidate
 
             build_relaxed_engine(run.root, cfg.backend)
-            cands.append(relax_candidate(run.root, cands[0], bits, cfg.relax_frac, cfg.relax_where))
+            cands.append(relax_candidate(run.root, cands[0], bits, m.relax_frac, m.relax_where))
         rep = run_compare(teacher, cands, run.path("report"), ccmp, quiet=cfg.quiet)
         return {"candidates": [{k: c.get(k) for k in ("name", "ms_per_image", "speedup_vs_reference",
                                                        "fid_to_fp32")} for c in rep["candidates"]]}
 
-    relax_key = () if cfg.relax_frac is None else ((cfg.relax_frac, cfg.relax_where),)
-    stage(6, "report", stage_key("report", keys["engine"], asdict(ccmp), cfg.include_torch_student, *relax_key),
+    relax_key = () if m.relax_frac is None else ((m.relax_frac, m.relax_where),)
+    stage(6, "report", stage_key("report", keys["engine"], asdict(ccmp), m.include_torch_student, *relax_key),
           ("report/compare.json",), do_report, f"latency + FID-to-FP32 on {ccmp.samples} samples vs FP32 "
           f"{cfg.teacher_steps}-step")
     return _summary(cfg, run, t_all)

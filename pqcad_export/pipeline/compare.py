@@ -46,6 +46,11 @@ class CompareConfig:
         base = {"quick": {}, "paper": {"samples": 10000, "batch_size": 250, "image_runs": 20}}
         if name not in base:
             raise PqcadError(f"unknown preset {name!r} (quick or paper)")
+        bad = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if bad:
+            from ..errors import UsageError
+
+            raise UsageError(f"unknown compare option(s): {', '.join(bad)}")
         kw = {**base[name], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**kw)
 

@@ -9,23 +9,17 @@ from ..errors import UsageError
 from ..model_io import LoadedModel, check_finite, load_model, student_scheduler_config
 
 
-def dry_stage_configs(cfg) -> None:
-    """Build the calibration and CAD configs once, so a bad strategy, loss or budget override is refused
-    before the first stage rather than when its stage starts."""
-    from calibration.config import CalibConfig
+def dry_stage_configs(cfg, bits) -> None:
+    """Build the stage configs once (stage_configs.py, what the stages then run with), so a bad strategy, loss or
+    budget override is refused before the first stage rather than when its stage starts."""
     from calibration.strategies import STRATEGIES
 
-    from ..distill.config import CadConfig
+    from .stage_configs import stage_configs
 
-    if cfg.calib_strategy not in STRATEGIES:
-        raise UsageError(f"unknown --calib-strategy '{cfg.calib_strategy}': expected one of "
+    if cfg.calib.strategy not in STRATEGIES:
+        raise UsageError(f"unknown --calib-strategy '{cfg.calib.strategy}': expected one of "
                          f"{', '.join(STRATEGIES)}")
-    over = cfg.overrides or {}
-    pcr = {"pcr_bits": cfg.bits} if cfg.calib_strategy == "pcr" else {}
-    CalibConfig.preset(cfg.preset, steps=cfg.teacher_steps, strategy=cfg.calib_strategy, seed=cfg.seed,
-                       **{**pcr, **over.get("calib", {})})
-    CadConfig.preset(cfg.preset, calib_loss=cfg.calib_loss, lam=cfg.lam, kd_teacher=cfg.kd_teacher,
-                     seed=cfg.seed, teacher_steps=cfg.teacher_steps, **over.get("student", {}))
+    stage_configs(cfg, bits)
 
 
 def load_teacher(cfg, device: torch.device, reaches_student: bool) -> LoadedModel:

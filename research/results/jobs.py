@@ -38,8 +38,8 @@ class Ctx:
 
 
 def job_calib(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from calibration.collect import calibrate
-    from calibration.config import CalibConfig
+    from calibration import CalibConfig, run_calibrate
+    from pqcad_export.bits import parse_bits
 
     p = ctx.plan
     strat = job.params["strategy"]
@@ -47,10 +47,10 @@ def job_calib(ctx: Ctx, job: Job) -> dict[str, Any]:
     if strat == "pcr":
         rec = p.recon_overrides()
         rec.pop("pq")
-        extra.update(pcr_bits="w4a8", pcr_method="pq", pcr_preset="paper", pcr_stages=p.pcr_stages,
+        extra.update(pcr_bits=parse_bits("w4a8"), pcr_method="pq", pcr_preset="paper", pcr_stages=p.pcr_stages,
                      pcr_recon={**rec, "pq": {"window": p.pq_window}})
     cfg = CalibConfig.preset(p.calib_preset, steps=p.teacher_steps, strategy=strat, seed=p.seed, **extra)
-    res = calibrate(ctx.teacher, cfg, ctx.dir(job.name), ctx.device, quiet=True)
+    res = run_calibrate(ctx.teacher, cfg, ctx.dir(job.name), ctx.device, quiet=True)
     return {"counts": {k: (v or {}).get("count") for k, v in res.items()}, "config": cfg.to_dict()}
 
 
@@ -94,13 +94,13 @@ def _copy_training_images(ctx: Ctx, job: Job) -> None:
 
 
 def job_cad(ctx: Ctx, job: Job) -> dict[str, Any]:
-    from pqcad_export.distill.cad import distill
+    from pqcad_export.distill import run_distill
 
     cfg = cad_config(ctx, job.params["loss"], job.params.get("overrides"))
     t0 = time.time()
     _copy_training_images(ctx, job)
-    distill(ctx.dir(job.params["quant"]), ctx.dir("calib-uniform"), cfg, ctx.dir(job.name), ctx.device,
-            fp_model=ctx.teacher.unet, quiet=True)
+    run_distill(ctx.dir(job.params["quant"]), ctx.dir("calib-uniform"), cfg, ctx.dir(job.name), ctx.device,
+                fp_model=ctx.teacher.unet, quiet=True)
     return _cad_record(ctx, job, t0, "weights")
 
 
