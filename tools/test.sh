@@ -4,14 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh dev
 if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q -m "not slow" "$@"; fi
-# The in-process SIGTERM test runs in its own pytest process: delivered to a process where OpenVINO has
-# compiled static-batch engines, SIGTERM ends in a segfault (docs/architecture.md, "Known issues").
-.venv/bin/python -m pytest -q -m "not slow" tests/test_robust_cad.py
-# The rest on one pytest-xdist worker per core (at most 4; every test is single-threaded, tests/conftest.py), each
+# One pytest-xdist worker per core (at most 4; every test is single-threaded, tests/conftest.py), each
 # test module on one worker (--dist loadfile) so its module-scoped fixtures are built once. PQCAD_TEST_WORKERS=1:
 # one process.
 W="${PQCAD_TEST_WORKERS:-$(nproc)}"; [ "$W" -gt 4 ] && W=4
 XDIST=(); [ "$W" -gt 1 ] && XDIST=(-n "$W" --dist loadfile)
 # one OpenMP thread per worker process: N workers on N cores, not N x N threads
 [ "$W" -gt 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q -m "not slow" ${XDIST[@]+"${XDIST[@]}"} --ignore tests/test_robust_cad.py
+exec .venv/bin/python -m pytest -q -m "not slow" ${XDIST[@]+"${XDIST[@]}"}
