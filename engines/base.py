@@ -12,11 +12,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .manifest import EngineInfo
+
+if TYPE_CHECKING:  # torch is imported where it runs: the bench worker process times engines without it
+    import torch
 
 
 @dataclass
@@ -93,6 +94,8 @@ def time_cpu(fn: Callable[[], object], batch: int, warmup: int = 3, iters: int =
 def time_cuda(fn: Callable[[], object], batch: int, warmup: int = 10, iters: int = 50,
               stream: Optional[torch.cuda.Stream] = None) -> LatencyStats:
     """CUDA-event timing of an asynchronous GPU call on `stream` (TensorRT, torch CUDA)."""
+    import torch
+
     stream = stream or torch.cuda.current_stream()
     for _ in range(max(0, warmup)):
         fn()
@@ -130,6 +133,8 @@ class Engine(ABC):
 
     @property
     def device(self) -> torch.device:
+        import torch
+
         return torch.device("cpu")
 
     @property
@@ -155,6 +160,8 @@ class Engine(ABC):
     def example_inputs(self, batch: int, seed: int = 0, cond_shape: Optional[tuple[int, ...]] = None):
         if self.sample_shape is None:
             raise ValueError("engine manifest has no sample_shape")
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         x = torch.randn((batch, *self.sample_shape), generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
-import torch
 
 from .base import Engine, LatencyStats, time_cpu
 from .manifest import EngineInfo, read_manifest, write_manifest
@@ -144,6 +143,8 @@ class OrtEngine(Engine):
         return cls._built(build_ort_engine, onnx_path, cfg, out_dir, "pqcad_ort_")
 
     def feeds(self, sample, timestep, encoder_hidden_states=None) -> dict[str, np.ndarray]:
+        import torch  # here, not at import: the bench worker process times sessions without torch
+
         names = self.info.input_names
         x = sample.detach().to("cpu", torch.float32).numpy() if torch.is_tensor(sample) else np.asarray(sample,
                                                                                                         np.float32)
@@ -158,6 +159,8 @@ class OrtEngine(Engine):
         return f
 
     def run(self, sample, timestep, encoder_hidden_states=None):
+        import torch
+
         out = self.session.run(None, self.feeds(sample, timestep, encoder_hidden_states))[0]
         res = torch.from_numpy(out)
         return res.to(sample.device) if torch.is_tensor(sample) else res

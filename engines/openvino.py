@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
-import torch
 
 from .base import Engine, LatencyStats, cpu_info, cpu_isa, time_cpu
 from .manifest import EngineInfo, read_manifest, write_manifest
@@ -214,6 +213,8 @@ class OvEngine(Engine):
         return self._static[batch]
 
     def run(self, sample, timestep, encoder_hidden_states=None):
+        import torch  # here, not at import: the bench worker process times compiled models without torch
+
         res = self._request(int(sample.shape[0])).infer(self.feeds(sample, timestep, encoder_hidden_states))
         out = torch.from_numpy(np.array(next(iter(res.values())), dtype=np.float32, copy=True))
         return out.to(sample.device) if torch.is_tensor(sample) else out

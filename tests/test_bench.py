@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -49,3 +50,14 @@ def test_bench_cli_json_and_bad_target(conv_onnx, tmp_path):
     assert rep["rows"][0]["name"] == "c" and rep["rows"][0]["median_ms"] > 0
     r = CliRunner().invoke(main, ["bench", "--no-fp", "--target", "nonsense"])
     assert r.exit_code == 2
+
+
+def test_bench_worker_imports_no_torch():
+    """Every bench measurement is a fresh process: importing torch there cost ~2 s per engine and batch."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, engines.bench, engines.openvino, engines.onnxruntime; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr[-1000:])
