@@ -62,7 +62,7 @@ def job_quant(ctx: Ctx, job: Job) -> dict[str, Any]:
     p = ctx.plan
     calib = job.params.get("calib", "uniform")
     cfg = ReconConfig.preset("paper", **p.recon_overrides(), recon_loss=job.params.get("recon", "block"),
-                             mixed_precision=job.params.get("mp", "off"))
+                             mixed_precision=job.params.get("mp", "off"), **job.params.get("recon_overrides", {}))
     out = ctx.dir(job.name)
     t0 = time.time()
     qm = run_quantize(ctx.teacher, ctx.dir(f"calib-{calib}"), parse_bits(job.params["bits"]), job.params["method"],

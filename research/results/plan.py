@@ -126,6 +126,9 @@ def build_jobs(plan: Plan, timing: bool) -> dict[str, Job]:
         for method in ("rtn", "direct", "pq"):
             add(Job(quant_name(bits, method, mp="auto"), "quant", ["calib-uniform"],
                     {"bits": bits, "method": method, "mp": "auto"}))
+        if bits == "w8a8":  # the W8A8 100-step gap (issue 21): round-to-nearest with a 10 % FP budget
+            add(Job(quant_name(bits, "rtn", mp="auto") + "-fp10", "quant", ["calib-uniform"],
+                    {"bits": bits, "method": "rtn", "mp": "auto", "recon_overrides": {"fp_budget": 0.10}}))
         q = quant_name(bits, "pq", mp="auto")
         add(Job(f"cad-{bits}-pq-mp-em", "cad", [q, "calib-uniform", "cad-images"], {"quant": q, "loss": "em"}))
         add(Job(f"cad-{bits}-pq-mp-em-fpkd", "cad", [q, "calib-uniform", "cad-images"],
