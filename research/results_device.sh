@@ -12,8 +12,9 @@
 #     unfinished jobs, PACK=0 skips it) and sched.log.
 # Usage (from the repository root, on the device): SECS=400 bash research/results_device.sh [--only PATTERN ...]
 # SECS is the wait, not the call: status, collect and pack follow, each under a timeout (60 + 120 + 120 s at most;
-# the jobs run at nice 10, so they take seconds). Give a call at least SECS + 200 s: with jobs starting (imports on 16 cores) status and
-# collect used their whole timeouts once (a SECS=25 call under a 200 s limit was cut off with nothing back). Run 3 and run 6 calls with SECS=330-530 hit the 600 s limit while
+# the jobs run at nice 10, so they take seconds). Give a call at least SECS + 200 s: with jobs starting (imports
+# on 16 cores) status and collect used their whole timeouts once (a SECS=25 call under a 200 s limit came back
+# with nothing). Run 3 and run 6 calls with SECS=330-530 hit the 600 s limit while
 # the jobs ran at normal priority; keep SECS <= 450, and PACK=0 in a last call whose results arrive in collect.tgz.
 # A call without arguments continues the last selection; with arguments it replaces the scheduler (jobs it started
 # run on).
