@@ -139,8 +139,11 @@ def test_summary_fits_80_columns_with_references(scored_run):
     for name in ("fp32-teacher", "w4a8-onnxruntime", "onnxruntime-fp32", "openvino-bf16-with-a-rather-long-name",
                  "ms/image", "PSNR", "SSIM", "KID", f"gate {rep['gates'][-1]['gate']}: "):
         assert name in text, name
+    # the speed-up names the FP reference it is measured against (the fastest one, rarely PyTorch FP32)
+    c = next(e for e in rep["candidates"] if e.get("speedup_vs_reference"))
+    assert f"× {c['speedup_reference']}'s speed" in text.replace("\n", " ") and "FP32's speed" not in text
     del rep["references"]
-    assert "openvino" not in _render({"run": "r", "stages": [], "compare": rep})
+    assert "FP reference;" not in _render({"run": "r", "stages": [], "compare": rep})  # no reference blocks
 
 
 def test_speed_quality_chart_and_marked_grid(tmp_path):

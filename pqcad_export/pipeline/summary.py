@@ -30,8 +30,9 @@ def _kid(v: Any, std: Any) -> str:
     return f"{v:.4f}" + (f"±{std:.4f}" if isinstance(std, (int, float)) else "")
 
 
-def _speedup(v: Any) -> str:
-    return f" ({v:.2f}× FP32's speed)" if isinstance(v, (int, float)) and v else ""
+def _speedup(v: Any, ref: Any) -> str:
+    """Against the fastest FP reference (compare.json `speedup_reference`), which is rarely PyTorch FP32."""
+    return f" ({v:.2f}× {ref or 'FP'}'s speed)" if isinstance(v, (int, float)) and v else ""
 
 
 def entry_lines(kind: str, e: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]]:
@@ -40,8 +41,9 @@ def entry_lines(kind: str, e: dict[str, Any]) -> tuple[str, str, list[tuple[str,
     if e.get("status") and kind == "candidate":
         what += f", {e['status']}"
     rows = [("precision", str(e.get("precision", "—")))]
-    speed = (f"{_num(e.get('unet_ms_per_call'))} ms/UNet call{_speedup(e.get('unet_speedup_vs_reference'))}"
-             f"{SEP}{_num(e.get('ms_per_image'))} ms/image{_speedup(e.get('speedup_vs_reference'))}")
+    ref = e.get("speedup_reference")
+    speed = (f"{_num(e.get('unet_ms_per_call'))} ms/UNet call{_speedup(e.get('unet_speedup_vs_reference'), ref)}"
+             f"{SEP}{_num(e.get('ms_per_image'))} ms/image{_speedup(e.get('speedup_vs_reference'), ref)}")
     rows.append(("speed", speed))
     rows.append(("size", _bytes(e.get("model_bytes"))
                  + (f"{SEP}int weights {_bytes(e['int_weight_bytes'])}" if e.get("int_weight_bytes") else "")))
