@@ -63,7 +63,7 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
         backend = info.backend
         if backend == "openvino":
             prec = info.options.get("precision", "default")
-            # as the engine runs: manifests written before static became the default have no key (dynamic)
+            # as the engine runs (OvEngine): a manifest without the key predates the option, dynamic
             t = BenchTarget(**{**t.to_dict(), "static_batch": bool(info.options.get("static_batch", False))})
         path = info.path
     import onnx

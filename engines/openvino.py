@@ -183,6 +183,7 @@ class OvEngine(Engine):
         self.info = read_manifest(engine_dir)
         known = set(OvConfig.__dataclass_fields__)
         opts = {k: v for k, v in (self.info.options or {}).items() if k in known}
+        opts.setdefault("static_batch", False)  # manifests older than the option ran dynamic: keep them so
         if cfg is not None:
             opts["threads"] = cfg.threads
         self.cfg = OvConfig(**opts)

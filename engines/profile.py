@@ -34,11 +34,13 @@ def _table(agg: dict[str, float], count: collections.Counter, calls: int, top: i
 
 
 def openvino_ops(path: str | Path, batch: int = 8, precision: str = "default", threads: int = 0,
-                 iters: int = 10, top: int = 15) -> list[dict[str, Any]]:
-    """Per (runtime layer type, kernel) time of the compiled model, summed over nodes, per call."""
+                 iters: int = 10, top: int = 15, static_batch: bool = True) -> list[dict[str, Any]]:
+    """Per (runtime layer type, kernel) time of the compiled model, summed over nodes, per call (compiled for
+    `batch`'s static shape unless static_batch is False, as the engine and the timed rows run)."""
     from .openvino import OvConfig, compile_onnx
 
-    compiled = compile_onnx(path, OvConfig(precision=precision, threads=threads), {"PERF_COUNT": "YES"})
+    compiled = compile_onnx(path, OvConfig(precision=precision, threads=threads), {"PERF_COUNT": "YES"},
+                            batch=batch if static_batch else None)
     req = compiled.create_infer_request()
     f = _feeds(path, batch)
     for _ in range(3):

@@ -206,7 +206,7 @@ def test_sigterm_after_static_engines_were_released_is_a_clean_interrupt(w8, tmp
 import gc, os, signal, time, torch
 from engines.openvino import OvConfig, OvEngine
 x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 400, 900])
-dyn = OvEngine.from_onnx({str(w8[1])!r}, OvConfig(precision="f32"), out_dir={str(tmp_path / "d")!r})
+dyn = OvEngine.from_onnx({str(w8[1])!r}, OvConfig(precision="f32", static_batch=False), out_dir={str(tmp_path / "d")!r})
 st = OvEngine.from_onnx({str(w8[1])!r}, OvConfig(precision="f32", static_batch=True), out_dir={str(tmp_path / "s")!r})
 st(x, t); dyn(x, t); st.latency(batch=2, warmup=1, iters=1)
 del st, dyn; gc.collect()

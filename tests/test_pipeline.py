@@ -257,3 +257,14 @@ def test_run_dir_of_a_different_model(built, tiny_unet_dir):
     res = CliRunner().invoke(main, ["build", "--bits", "w4a8", "--model", str(tiny_unet_dir), "--out", str(out)])
     assert res.exit_code == 1 and "different model" in res.output
     assert (out / "report/compare.json").exists()  # nothing lost
+
+
+def test_a_stage_override_may_name_a_typed_option():
+    """overrides win over the typed options of their stage (a key in both once, not a TypeError)."""
+    from pqcad_export.bits import parse_bits
+    from pqcad_export.pipeline.stage_configs import stage_configs
+
+    cfg = BuildConfig.flat(samples=7, overrides={"compare": {"batch_size": 3, "samples": 5},
+                                                 "student": {"lam": 0.5}, "calib": {"seed": 4}})
+    s = stage_configs(cfg, parse_bits("w4a8"))
+    assert (s.compare.batch_size, s.compare.samples, s.student.lam, s.calib.seed) == (3, 5, 0.5, 4)

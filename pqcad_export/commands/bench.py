@@ -22,8 +22,9 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
-@click.option("--dynamic", is_flag=True, help="also OpenVINO with a dynamic batch dimension (the default, as the "
-              "engine runs, compiles each batch's static shape)")
+@click.option("--dynamic", is_flag=True, help="also the FP and INT8 OpenVINO models with a dynamic batch dimension "
+              "(the default, as the engine runs, compiles each batch's static shape; --target openvino: files are "
+              "timed static)")
 @click.option("--profile", is_flag=True, help="also time per op type (OpenVINO PERF_COUNT, ORT profiler) at the "
               "largest batch")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
@@ -84,14 +85,15 @@ def _profile(targets, batch: int, threads: int) -> dict:
 
     out = {}
     for t in targets:
-        backend, path, level, prec = t.backend, t.path, t.level, t.precision
+        backend, path, level, prec, static = t.backend, t.path, t.level, t.precision, t.static_batch
         if backend == "engine":
             info = read_manifest(path)
             backend, path = info.backend, str(info.path)
             level = (info.options or {}).get("optimization_level", "extended")
             prec = (info.options or {}).get("precision", "default")
-        if backend == "openvino":
-            out[t.name] = openvino_ops(path, batch, prec, threads)
+            static = bool((info.options or {}).get("static_batch", False))
+        if backend == "openvino":  # the graph that was timed: static or dynamic batch
+            out[t.name] = openvino_ops(path, batch, prec, threads, static_batch=static)
         elif backend == "onnxruntime":
             out[t.name] = onnxruntime_ops(path, batch, level, threads)
     return out

@@ -141,7 +141,7 @@ def instance_norm_channel_groups(model: onnx.ModelProto) -> int:
         src = prod.get(r1.input[1])  # back to x's own shape
         if src is None or src.op_type != "Shape" or src.input[0] != r0.input[0]:
             continue
-        rank = gamma.ndim + 1 if gamma is not None else 0
+        rank = gamma.ndim + 1
         if gamma.size != groups or beta.size != groups or gamma.shape[1:] != (1,) * (rank - 2) \
                 or beta.shape != gamma.shape or ranks.get(r0.input[0], rank) != rank:
             continue

@@ -50,16 +50,17 @@ def stage_configs(cfg, bits: BitSpec) -> StageConfigs:
     pcr: dict[str, Any] = {}
     if c.strategy == "pcr":  # PCR quantizes between stages: same bits, method and settings as stage 2
         pcr = {"pcr_bits": bits, "pcr_method": cfg.quant.method, "pcr_preset": cfg.preset, "pcr_recon": qover}
-    ccfg = CalibConfig.preset(cfg.preset, steps=cfg.teacher_steps, strategy=c.strategy, seed=cfg.seed,
-                              **{**pcr, **c.overrides})
+    # typed options first, a stage's overrides win (one dict: a key in both is not passed twice)
+    ccfg = CalibConfig.preset(cfg.preset, **{"steps": cfg.teacher_steps, "strategy": c.strategy, "seed": cfg.seed,
+                                             **pcr, **c.overrides})
     # --quiet silences the per-block bars too (progress is not part of the stage key)
     rcfg = ReconConfig.preset(cfg.preset, **{**qover, **({"progress": False} if cfg.quiet else {})})
     d = cfg.distill
-    dcfg = CadConfig.preset(cfg.preset, calib_loss=d.calib_loss, lam=d.lam, kd_teacher=d.kd_teacher, seed=cfg.seed,
-                            teacher_steps=cfg.teacher_steps, **d.overrides)
+    dcfg = CadConfig.preset(cfg.preset, **{"calib_loss": d.calib_loss, "lam": d.lam, "kd_teacher": d.kd_teacher,
+                                           "seed": cfg.seed, "teacher_steps": cfg.teacher_steps, **d.overrides})
     m = cfg.compare
-    ccmp = CompareConfig.preset(cfg.preset, seed=cfg.seed, device=cfg.device, samples=m.samples,
-                                batch_size=m.batch_size, latency_batch=m.latency_batch,
-                                teacher_steps=cfg.teacher_steps, no_fid=m.no_fid, ref_images=m.ref_images,
-                                **m.overrides)
+    ccmp = CompareConfig.preset(cfg.preset, **{"seed": cfg.seed, "device": cfg.device, "samples": m.samples,
+                                               "batch_size": m.batch_size, "latency_batch": m.latency_batch,
+                                               "teacher_steps": cfg.teacher_steps, "no_fid": m.no_fid,
+                                               "ref_images": m.ref_images, **m.overrides})
     return StageConfigs(ccfg, rcfg, dcfg, ccmp)
