@@ -51,8 +51,9 @@ class BenchTarget:
         return cls(name=name, backend=backend, path=path, precision=prec or "default")
 
 
-def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable[[], object]], str, str]:
-    """(make_call(batch, seed) -> call, backend that runs, precision that runs) for one target, in this process."""
+def _runner(t: BenchTarget, threads: int, batch: int) -> tuple[Callable[[int, int], Callable[[], object]], str, str]:
+    """(make_call(batch, seed) -> call, backend that runs, precision that runs) for one target at `batch`, in this
+    process (a static-batch OpenVINO target is compiled once, for that batch)."""
     from .onnxruntime import OrtConfig, _input_meta, make_session
 
     backend, path, prec = t.backend, Path(t.path), t.precision
@@ -86,11 +87,11 @@ def _runner(t: BenchTarget, threads: int) -> tuple[Callable[[int, int], Callable
         from .openvino import OvConfig, compile_onnx, inference_precision
 
         cfg = OvConfig(precision=prec, threads=threads)
-        compiled = compile_onnx(path, cfg)
+        compiled = compile_onnx(path, cfg, batch=batch if t.static_batch else None)
         label = ("int8+" if int8 else "") + inference_precision(compiled)  # float parts run at this precision
 
         def make(b, s):
-            req = (compile_onnx(path, cfg, batch=b) if t.static_batch else compiled).create_infer_request()
+            req = compiled.create_infer_request()
             return lambda f=feeds(b, s): req.infer(f)
 
         return make, "openvino", label + ("" if t.static_batch else " dynamic")
@@ -108,7 +109,7 @@ def measure_in_process(target: BenchTarget, batch: int, threads: int, warmup: in
                        seed: int = 0) -> dict[str, Any]:
     """Load one target and time it (the body of one isolated worker process)."""
     t0 = time.perf_counter()
-    make, backend, prec = _runner(target, threads)
+    make, backend, prec = _runner(target, threads, batch)
     load_s = time.perf_counter() - t0
     st = time_cpu(make(batch, seed), batch, warmup, iters)
     return {"name": target.name, "batch": batch, "backend": backend, "precision": prec,

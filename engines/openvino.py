@@ -187,10 +187,18 @@ class OvEngine(Engine):
         if cfg is not None:
             opts["threads"] = cfg.threads
         self.cfg = OvConfig(**opts)
-        self.compiled = compile_onnx(self.info.path, self.cfg)
-        self.request = self.compiled.create_infer_request()
         self._static: dict[int, Any] = {}
         self._np_t = np.dtype(self.info.timestep_dtype)
+
+    @functools.cached_property
+    def compiled(self):
+        """The dynamic-batch model: what a dynamic engine runs; a static one compiles it only when asked for its
+        inference precision."""
+        return compile_onnx(self.info.path, self.cfg)
+
+    @functools.cached_property
+    def request(self):
+        return self.compiled.create_infer_request()
 
     @classmethod
     def from_onnx(cls, onnx_path: str | Path, cfg: Optional[OvConfig] = None,
