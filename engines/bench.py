@@ -1,19 +1,25 @@
-"""Latency benchmark that isolates engines: one subprocess per (engine, batch), repetitions interleaved.
+"""Latency benchmark that isolates engines: one subprocess per (engine, batch), taking turns.
 
 Why: two sessions timed in one process (or round-robin) share caches, thread pools and allocator state; on a
-2-core machine that put an ONNX Runtime engine at 3x its own latency. Here each measurement is a fresh
-`python -m engines.bench` process that loads one engine, warms it up and times `iters` calls at one batch; the
-(engine, batch) pairs are visited in a rotating order `reps` times, and the report gives the median of the
-per-process medians plus their spread, with the CPU ISA, thread count and load average recorded.
+2-core machine that put an ONNX Runtime engine at 3x its own latency. Here each (engine, batch) is a
+`python -m engines.bench` process that loads one engine and warms it up; then the processes take turns, a few
+calls each in rotating order, while the others block on their input, for `rounds` rounds; `reps` repetitions
+start fresh processes. Why turns: on this shared 2-core VM one engine's speed drifts 20-30 % over tens of seconds,
+so engines timed one after another (a process each, seconds apart) saw different machines; turns a fraction of a
+second apart see the same one, and a ratio is taken per round. The report gives medians, the spread over
+repetitions, the per-round medians, the CPU ISA, thread count and load average.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .base import cpu_info, cpu_isa, time_cpu
+from .base import cpu_info, cpu_isa, summarize_ms
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,72 +111,142 @@ def _runner(t: BenchTarget, threads: int, batch: int) -> tuple[Callable[[int, in
     raise ValueError(f"cannot benchmark backend {backend!r} on the CPU")
 
 
-def measure_in_process(target: BenchTarget, batch: int, threads: int, warmup: int, iters: int,
-                       seed: int = 0) -> dict[str, Any]:
-    """Load one target and time it (the body of one isolated worker process)."""
-    t0 = time.perf_counter()
-    make, backend, prec = _runner(target, threads, batch)
-    load_s = time.perf_counter() - t0
-    st = time_cpu(make(batch, seed), batch, warmup, iters)
-    return {"name": target.name, "batch": batch, "backend": backend, "precision": prec,
-            "median_ms": st.median_ms, "min_ms": st.min_ms, "p90_ms": st.p90_ms, "load_s": round(load_s, 3),
-            "pid": os.getpid()}
+class _Worker:
+    """One target at one batch, loaded once in its own process; it times calls only when asked, so the other
+    workers sit idle (blocked on their stdin) while it runs."""
+
+    def __init__(self, target: BenchTarget, batch: int, threads: int, warmup: int, seed: int, timeout: float):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        job = json.dumps({"target": target.to_dict(), "batch": batch, "threads": threads, "warmup": warmup,
+                          "seed": seed})
+        self.what, self.timeout = f"{target.name} at batch {batch}", timeout
+        self._err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: warnings cannot fill it and block
+        self.proc = subprocess.Popen([sys.executable, "-m", "engines.bench", job], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._err, text=True, env=env, cwd=str(REPO_ROOT))
+        self._lines: queue.Queue[Optional[str]] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.info = self._read()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # the process ended
+
+    def _read(self) -> Any:
+        """The worker's next JSON line (other output, e.g. a library's notice, is skipped)."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                if line is None or line.startswith(("{", "[")):
+                    break
+        except queue.Empty:
+            line = None
+        if line is None:
+            self.close()
+            self._err.seek(0)
+            err = (self._err.read().strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"benchmark of {self.what} failed: {err}")
+        return json.loads(line)
+
+    def time(self, n: int) -> list[float]:
+        """n timed calls (after one untimed call that re-warms caches the other workers used)."""
+        try:
+            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died: _read reports its last error line
+            pass
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
 
 
 def measure_isolated(target: BenchTarget, batch: int, threads: int, warmup: int, iters: int, seed: int = 0,
                      timeout: float = 600) -> dict[str, Any]:
-    """measure_in_process in a fresh Python process (so no other session shares it)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    job = json.dumps({"target": target.to_dict(), "batch": batch, "threads": threads, "warmup": warmup,
-                      "iters": iters, "seed": seed})
-    p = subprocess.run([sys.executable, "-m", "engines.bench", job], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=str(REPO_ROOT))
-    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
-    if p.returncode != 0 or not lines:
-        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark of {target.name} at batch {batch} failed: {err}")
-    return json.loads(lines[-1])
+    """One target timed alone in a fresh process (no other session shares it): median, min, p90 of `iters`
+    calls after `warmup`."""
+    w = _Worker(target, batch, threads, warmup, seed, timeout)
+    try:
+        st = summarize_ms(w.time(iters), batch, warmup, "perf_counter")
+    finally:
+        w.close()
+    return {"name": target.name, "batch": batch, "backend": w.info["backend"], "precision": w.info["precision"],
+            "median_ms": st.median_ms, "min_ms": st.min_ms, "p90_ms": st.p90_ms, "load_s": w.info["load_s"],
+            "pid": w.info["pid"]}
 
 
 def run_bench(targets: list[BenchTarget], batches: list[int], reps: int = 3, threads: int = 0, warmup: int = 5,
-              iters: int = 50, seed: int = 0, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Interleaved, isolated measurements; returns the JSON-ready report (see module docstring)."""
-    if reps < 1 or iters < 1:
-        raise ValueError("reps and iters must be >= 1")
+              iters: int = 50, seed: int = 0, rounds: int = 5, gap_s: float = 0.1,
+              progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Isolated, interleaved measurements; returns the JSON-ready report (see module docstring)."""
+    if reps < 1 or iters < 1 or rounds < 1:
+        raise ValueError("reps, rounds and iters must be >= 1")
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"target names must be unique: {names}")
     threads = threads or (os.cpu_count() or 1)
-    runs: dict[tuple[str, int], list[dict]] = {(t.name, b): [] for t in targets for b in batches}
-    load_before = os.getloadavg()
+    rounds = min(rounds, iters)
+    per_round = [iters // rounds + (1 if k < iters % rounds else 0) for k in range(rounds)]
     pairs = [(t, b) for b in batches for t in targets]
+    rounds_ms: dict[tuple[str, int], list[list[float]]] = {(t.name, b): [] for t, b in pairs}
+    mins: dict[tuple[str, int], float] = {}
+    infos: dict[tuple[str, int], list[dict]] = {(t.name, b): [] for t, b in pairs}
+    load_before = os.getloadavg()
     for r in range(reps):
-        k = r % len(pairs)
-        for t, b in pairs[k:] + pairs[:k]:  # rotate the order so no engine always runs first or last
-            if progress:
-                progress(f"rep {r + 1}/{reps}: {t.name} batch {b}")
-            runs[(t.name, b)].append(measure_isolated(t, b, threads, warmup, iters, seed))
+        workers: dict[tuple[str, int], _Worker] = {}
+        try:
+            for t, b in pairs:  # loaded one after another, so no compile overlaps another's timing
+                if progress:
+                    progress(f"rep {r + 1}/{reps}: loading {t.name} batch {b}")
+                workers[(t.name, b)] = _Worker(t, b, threads, warmup, seed, 600)
+            for key in rounds_ms:
+                rounds_ms[key].append([])
+            for k, n in enumerate(per_round):
+                j = (r * rounds + k) % len(pairs)
+                for t, b in pairs[j:] + pairs[:j]:  # rotate the order so no engine always runs first or last
+                    if progress:
+                        progress(f"rep {r + 1}/{reps}, round {k + 1}/{rounds}: {t.name} batch {b}")
+                    time.sleep(gap_s)  # let the previous worker's threads go idle
+                    ms = workers[(t.name, b)].time(n)
+                    rounds_ms[(t.name, b)][-1].append(statistics.median(ms))
+                    mins[(t.name, b)] = min(mins.get((t.name, b), float("inf")), min(ms))
+        finally:
+            for key, w in workers.items():
+                w.close()
+                infos[key].append(w.info)
     rows = []
     for t in targets:
         for b in batches:
-            rs = runs[(t.name, b)]
-            med = [x["median_ms"] for x in rs]
-            m = statistics.median(med)
-            rows.append({"name": t.name, "batch": b, "backend": rs[0]["backend"], "precision": rs[0]["precision"],
-                         "source": t.path, "median_ms": round(m, 4), "ms_per_sample": round(m / b, 4),
-                         "rep_medians_ms": [round(x, 4) for x in med], "min_ms": round(min(x["min_ms"] for x in rs), 4),
+            rs, info = rounds_ms[(t.name, b)], infos[(t.name, b)]
+            flat = [x for rep in rs for x in rep]
+            m = statistics.median(flat)
+            med = [statistics.median(rep) for rep in rs]
+            rows.append({"name": t.name, "batch": b, "backend": info[0]["backend"],
+                         "precision": info[0]["precision"], "source": t.path, "median_ms": round(m, 4),
+                         "ms_per_sample": round(m / b, 4), "rep_medians_ms": [round(x, 4) for x in med],
+                         "round_medians_ms": [[round(x, 4) for x in rep] for rep in rs],
+                         "min_ms": round(mins[(t.name, b)], 4),
                          "spread": round((max(med) - min(med)) / m, 4) if m else None,
-                         "pids": [x["pid"] for x in rs]})
+                         "pids": [x["pid"] for x in info]})
     return {"rows": rows, "cpu": cpu_info()[0], "cpu_isa": cpu_isa(), "cores": os.cpu_count(), "threads": threads,
-            "reps": reps, "iters": iters, "warmup": warmup, "batches": list(batches),
+            "reps": reps, "rounds": rounds, "iters": iters, "warmup": warmup, "batches": list(batches),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "versions": _versions(),
-            "method": f"one process per (engine, batch) and repetition; {warmup} warm-up + {iters} timed calls each; "
-                      f"{reps} interleaved repetitions in rotating order; median_ms = median of the repetitions' "
-                      "medians, spread = (max - min) / median of those",
+            "method": f"{reps} repetitions; in each, one process per (engine, batch), all loaded ({warmup} warm-up "
+                      f"calls), then {rounds} rounds in which the processes take turns in rotating order, each "
+                      f"timing its share of {iters} calls while the others wait; median_ms = median of all round "
+                      "medians, spread = (max - min) / median of the repetitions' medians; a ratio between two rows "
+                      "is the median of their per-round ratios (each round's turns are seconds apart)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -189,16 +265,37 @@ def row(report: dict[str, Any], name: str, batch: int) -> Optional[dict[str, Any
 
 
 def ratio(report: dict[str, Any], slower: str, faster: str, batch: int) -> Optional[float]:
-    """median(slower) / median(faster) at `batch` (how many times faster `faster` is), None if missing."""
+    """How many times faster `faster` is than `slower` at `batch`: the median of the per-round ratios where both
+    rows have them (paired turns cancel the machine's slow drifts), else median over median; None if missing."""
     a, b = row(report, slower, batch), row(report, faster, batch)
-    return round(a["median_ms"] / b["median_ms"], 3) if a and b and b["median_ms"] else None
+    if not (a and b and b["median_ms"]):
+        return None
+    ra, rb = a.get("round_medians_ms"), b.get("round_medians_ms")
+    if ra and rb and [len(x) for x in ra] == [len(x) for x in rb]:
+        return round(statistics.median(x / y for pa, pb in zip(ra, rb) for x, y in zip(pa, pb)), 3)
+    return round(a["median_ms"] / b["median_ms"], 3)
 
 
 def _worker(job_json: str) -> None:
+    """Body of one worker process: load, warm up, say ready; then per stdin line `n`, one untimed and n timed
+    calls, answered as a JSON list of milliseconds; exits at end of input."""
     job = json.loads(job_json)
-    res = measure_in_process(BenchTarget(**job["target"]), job["batch"], job["threads"], job["warmup"], job["iters"],
-                             job.get("seed", 0))
-    print(json.dumps(res), flush=True)
+    t0 = time.perf_counter()
+    make, backend, prec = _runner(BenchTarget(**job["target"]), job["threads"], job["batch"])
+    call = make(job["batch"], job.get("seed", 0))
+    load_s = time.perf_counter() - t0
+    for _ in range(max(0, job["warmup"])):
+        call()
+    print(json.dumps({"backend": backend, "precision": prec, "load_s": round(load_s, 3), "pid": os.getpid()}),
+          flush=True)
+    for line in sys.stdin:
+        call()
+        out = []
+        for _ in range(max(1, int(line))):
+            t = time.perf_counter()
+            call()
+            out.append(round((time.perf_counter() - t) * 1e3, 4))
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

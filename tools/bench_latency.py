@@ -10,7 +10,8 @@ Usage:
 Without --quantized, the FP model is quantized round-to-nearest (max-abs per-channel weights, percentile
 activation steps from N(0,1) inputs at several timesteps): latency does not depend on the learned values, and
 the accuracy column then says how far each INT8 engine is from FP32 for that simple quantization.
-Median over --reps interleaved processes of the median of --iters timed calls; the same inputs for every engine.
+Engines take turns (engines.bench): medians over --reps x --rounds turns, ratios per round; the same inputs
+for every engine.
 """
 
 from __future__ import annotations
@@ -99,13 +100,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (one process each)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, each with fresh processes")
+    ap.add_argument("--rounds", type=int, default=5, help="turns per process and repetition (engines take turns)")
     ap.add_argument("--ort-static", action="store_true", help="also ONNX Runtime's quantize_static (u8) baseline")
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
-    from engines.bench import run_bench
+    from engines.bench import ratio, run_bench
     from pqcad_export.export.onnx import export_unet
     from pqcad_export.model_io import load_model
     from pqcad_export.pipeline.references import bench_targets
@@ -133,15 +135,16 @@ def main() -> None:
         ort_quantize_static(work / "fp32.onnx", work / "ort_static_u8.onnx", calib, u8=True)
         targets.append(BenchTarget("ort-static-u8", "onnxruntime", str(work / "ort_static_u8.onnx"), "u8", "all"))
     res = run_bench(targets, args.batch, reps=args.reps, threads=args.threads, warmup=args.warmup, iters=args.iters,
-                    progress=lambda m: print(m, file=sys.stderr))
+                    rounds=args.rounds, progress=lambda m: print(m, file=sys.stderr))
     res.update({"model": str(fp.path), "bits": q.bits.name, "quantized_source": args.quantized or "rtn (latency only)",
                 "torch": torch.__version__})
     for b in args.batch:
         rows = [r for r in res["rows"] if r["batch"] == b]
-        fps = [r["median_ms"] for r in rows if r["name"].startswith(("fp32-", "fp-"))]
-        print(f"batch {b} ({res['cpu_isa']}, {res['threads']} threads): ms per UNet call, median of {args.reps}")
+        fps = sorted((r for r in rows if r["name"].startswith(("fp32-", "fp-"))), key=lambda r: r["median_ms"])
+        print(f"batch {b} ({res['cpu_isa']}, {res['threads']} threads): ms per UNet call, median of "
+              f"{args.reps} x {res['rounds']} turns")
         for r in rows:
-            vs = f"{min(fps) / r['median_ms']:.2f}x vs fastest FP" if fps else ""
+            vs = f"{ratio(res, fps[0]['name'], r['name'], b):.2f}x vs fastest FP" if fps else ""
             print(f"  {r['name']:22s} {r['precision']:8s} {r['median_ms']:9.2f}  spread {100 * r['spread']:3.0f}%  {vs}")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -17,8 +17,11 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--target", "specs", multiple=True,
               help="extra NAME=engine|onnxruntime|openvino:PATH[@PRECISION] (an engine dir or an ONNX file)")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
-@click.option("--reps", default=3, show_default=True, help="interleaved repetitions (one process each)")
-@click.option("--iters", default=50, show_default=True, help="timed calls per process")
+@click.option("--reps", default=3, show_default=True, help="repetitions, each with fresh processes")
+@click.option("--rounds", default=5, show_default=True, help="turns per process and repetition: the engines take "
+              "turns, so slow drifts of the machine hit them alike; ratios are per round")
+@click.option("--iters", default=50, show_default=True, help="timed calls per process and repetition (split over "
+              "the rounds)")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
@@ -29,15 +32,17 @@ from ..cli import MODEL_HELP, friendly, main
               "largest batch")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="write the report here")
 @friendly
-def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads, workdir, dynamic, profile,
+def bench(onnx_file, model, no_fp, specs, batches, reps, rounds, iters, warmup, threads, workdir, dynamic, profile,
           json_out):
-    """Time engines one process per (engine, batch), repetitions interleaved; medians, spread, ISA, threads."""
+    """Time engines, one process per (engine, batch), taking turns; medians, spread, paired ratios, ISA, threads.
+
+    "vs fastest FP" is the median over rounds of (fastest FP engine's round median) / (this engine's)."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from engines.bench import BenchTarget, run_bench
+    from engines.bench import BenchTarget, ratio, run_bench
 
     from ..errors import PqcadError, UsageError
     from ..pipeline.references import bench_targets
@@ -56,7 +61,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
     try:
         with con.status("timing...") as st:
             rep = run_bench(targets, list(batches), reps=reps, threads=threads, warmup=warmup, iters=iters,
-                            progress=lambda m: st.update(f"timing: {m}"))
+                            rounds=rounds, progress=lambda m: st.update(f"timing: {m}"))
     except (RuntimeError, ValueError) as exc:
         raise PqcadError(str(exc)) from None
     t = Table(title=f"ms per UNet call, {rep['cpu_isa'] or rep['cpu']}, {rep['threads']} threads")
@@ -64,10 +69,10 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, iters, warmup, threads,
         t.add_column(col)
     for b in batches:
         fps = [r for r in rep["rows"] if r["batch"] == b and r["name"].startswith(("fp32-", "fp-"))]
-        best = min((r["median_ms"] for r in fps), default=None)
+        best = min(fps, key=lambda r: r["median_ms"], default=None)
         for r in (r for r in rep["rows"] if r["batch"] == b):
             t.add_row(r["name"], r["precision"], str(b), f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
-                      f"{best / r['median_ms']:.2f}x" if best else "-")
+                      f"{ratio(rep, best['name'], r['name'], b):.2f}x" if best else "-")
     Console().print(t)
     if profile:
         rep["profile"] = _profile(targets, max(batches), threads)
