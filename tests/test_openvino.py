@@ -18,6 +18,7 @@ from export_helpers import make_quantized
 pytest.importorskip("openvino", reason="openvino not installed (pip install openvino)")
 
 from engines import build_engine, load_engine  # noqa: E402
+from engines.bench import ratio  # noqa: E402
 from engines.openvino import OvConfig, OvEngine, build_ov_engine  # noqa: E402
 from pqcad_export.export.graph_cost import dead_initializers, fold_concat_slices  # noqa: E402
 from pqcad_export.export.onnx import export_unet  # noqa: E402
@@ -160,6 +161,14 @@ def test_compare_references_and_executed_label(w8, tiny_attn_unet_dir, tmp_path,
     assert c["speedup_reference"] == rep["speedup_reference"] == best["name"]
     assert c["speedup_vs_reference"] == pytest.approx(best["ms_per_image"] / c["ms_per_image"], rel=1e-2)
     assert c["speedup_vs_pytorch_fp32"] > 0
+    # per call: the candidate and both FP engines took turns in one run, each in its own process
+    run = {r["name"]: r for r in rep["unet_call_run"]["rows"]}
+    assert set(run) == {"w8a8-openvino", "fp32-onnxruntime", "fp-openvino"}
+    assert len({r["pids"][0] for r in run.values()}) == 3 and os.getpid() not in {r["pids"][0] for r in run.values()}
+    for name, r in run.items():
+        assert r["median_ms"] == pytest.approx((refs.get(name) or c)["unet_ms_per_call"], rel=1e-3)
+    if best["name"] in run:
+        assert c["unet_speedup_vs_reference"] == ratio(rep["unet_call_run"], best["name"], c["name"], 1)
     if no_fid:
         assert c["status"] != "executed" and c["fid_to_fp32"] is None
     else:

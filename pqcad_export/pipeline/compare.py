@@ -162,7 +162,12 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         images["reference"] = to_uint8(ref_imgs)
         reference = _entry("fp32-teacher", "pytorch", "fp32", cfg.teacher_steps, ref_ms, ref_ms_img,
                            _teacher_bytes(teacher))
-        references = [reference] + _engine_references(teacher, out_dir, cfg, shape, device, images, notes, bar, b)
+        built = _engine_references(teacher, out_dir, cfg, device, notes)
+        joint = _joint_call_latency(built, candidates, cfg, notes, bar)
+        calls = {r["name"]: r["median_ms"] for r in (joint or {}).get("rows", [])}
+        references = [reference] + _measure_references(built, calls, teacher, cfg, shape, device, images, bar, b)
+        from engines.bench import ratio
+
         from .references import fastest
 
         best = fastest(references) or reference
@@ -171,7 +176,7 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             cdev = device if c.executed_on != "cpu" else torch.device("cpu")
             try:
                 adv = bar.task(f"latency, {c.name}", 1)
-                ms = _isolated_ms(c, cfg) if cdev.type == "cpu" else None
+                ms = calls.get(c.name) if cdev.type == "cpu" else None
                 if ms is None:
                     ms = time_unet(c.unet, x_lat.to(cdev), t_lat.to(cdev), None, cfg.warmup, cfg.latency_iters)
                 ms_img = time_sampler(c.unet, c.scheduler_config, shape, c.steps, lb, cfg.eta, cdev, cfg.image_runs)
@@ -189,8 +194,9 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
             e = _entry(c.name, c.backend, c.precision, c.steps, ms, ms_img, c.model_bytes)
             e["speedup_vs_reference"] = round(best["ms_per_image"] / ms_img, 3) if ms_img else None
             e["speedup_reference"] = best["name"]  # the fastest FP reference per image
-            e["unet_speedup_vs_reference"] = (round(best["unet_ms_per_call"] / ms, 3)
-                                              if ms and best["unet_ms_per_call"] else None)
+            paired = ratio(joint, best["name"], c.name, lb) if joint else None  # None unless both ran in it
+            e["unet_speedup_vs_reference"] = paired or (round(best["unet_ms_per_call"] / ms, 3)
+                                                        if ms and best["unet_ms_per_call"] else None)
             e["speedup_vs_pytorch_fp32"] = round(ref_ms_img / ms_img, 3) if ms_img else None
             e["status"] = "executed"
             e.update(c.extra)
@@ -216,10 +222,13 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         "device": device_description(device), "fid_features": fid_features, "seed": cfg.seed,
         "batch_size": b, "latency_batch": lb,
         "latency": f"unet_ms_per_call: median of {cfg.latency_iters} timed UNet calls after {cfg.warmup} warm-up "
-        f"calls at batch {lb} (CPU engines: each in its own process); ms_per_image: median of {cfg.image_runs} "
+        f"calls at batch {lb} (CPU engines: each in its own process, all taking turns in one run, "
+        "unet_speedup_vs_reference = median of the per-turn ratios); ms_per_image: median of {cfg.image_runs} "
         f"timed complete DDIM runs (all steps) at batch {lb} after one warm-up run, divided by {lb}",
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if joint:  # the CPU engines' per-call run: what unet_ms_per_call and unet_speedup_vs_reference come from
+        report["unet_call_run"] = {k: joint[k] for k in ("rows", "method", "threads", "cpu_isa", "load_average_before")}
     if quality is not None:
         report["quality"] = quality
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,18 +262,25 @@ def _precision_nulls(e: dict[str, Any]) -> None:
         e["notes"].append(f"{', '.join(missing)}: null (no quant.json mixed-precision record for this candidate)")
 
 
-def _engine_references(teacher, out_dir: Path, cfg: CompareConfig, shape, device, images, notes, bar,
-                       b: int) -> list[dict[str, Any]]:
-    """The FP teacher on ONNX Runtime FP32 and OpenVINO (pipeline/references.py), one engine at a time."""
+def _engine_references(teacher, out_dir: Path, cfg: CompareConfig, device, notes) -> list:
+    """The FP teacher built as ONNX Runtime FP32 and OpenVINO engines (pipeline/references.py): [(spec, error)]."""
     if not cfg.fp_references:
         return []
     if device.type != "cpu":
         notes.append("FP engine references (ONNX Runtime, OpenVINO) are CPU engines: not measured on " + device.type)
         return []
-    from .references import build_references, measure_reference
+    from .references import build_references
+
+    return build_references(teacher, out_dir / "references", notes)
+
+
+def _measure_references(built: list, calls: dict[str, float], teacher, cfg: CompareConfig, shape, device, images,
+                        bar, b: int) -> list[dict[str, Any]]:
+    """Their compare.json entries, one engine at a time (per-call latency from the joint run `calls`)."""
+    from .references import measure_reference
 
     out = []
-    for spec, err in build_references(teacher, out_dir / "references", notes):
+    for spec, err in built:
         adv = bar.task(f"latency, {spec.name}", 1)
 
         def sample(eng, name=spec.name):
@@ -272,7 +288,7 @@ def _engine_references(teacher, out_dir: Path, cfg: CompareConfig, shape, device
                                SamplerConfig(steps=cfg.teacher_steps, eta=cfg.eta, batch_size=b, seed=cfg.seed),
                                device, progress=bar.task(f"{name}, {cfg.teacher_steps} steps", cfg.samples))
 
-        e = measure_reference(spec, err, teacher, cfg, shape, device, time_sampler, _entry,
+        e = measure_reference(spec, err, calls.get(spec.name), teacher, cfg, shape, device, time_sampler, _entry,
                               sample if cfg.reference_fid and not cfg.no_fid else None)
         if "_images" in e:
             images[spec.name] = to_uint8(e.pop("_images"))
@@ -281,19 +297,29 @@ def _engine_references(teacher, out_dir: Path, cfg: CompareConfig, shape, device
     return out
 
 
-def _isolated_ms(c: Candidate, cfg: CompareConfig) -> Optional[float]:
-    """Per-call latency of an engine candidate in its own process (engines.bench), None where not applicable."""
-    d = c.extra.get("engine_dir")
-    if not d or c.backend not in ("onnxruntime", "openvino"):
-        return None
-    from engines.bench import BenchTarget, measure_isolated
+def _joint_call_latency(built: list, candidates: list[Candidate], cfg: CompareConfig, notes: list[str],
+                        bar) -> Optional[dict[str, Any]]:
+    """Per-call latency of every CPU engine (FP references and candidates) in one engines.bench run: each engine
+    in its own process, the processes taking turns, so a ratio between two of them is per round, not between
+    measurements taken minutes apart on a machine whose speed drifts. None (with a note) when there is nothing
+    to time or the run failed."""
+    from engines.bench import BenchTarget, run_bench
 
-    try:
-        return measure_isolated(BenchTarget(c.name, "engine", str(d)), cfg.latency_batch, 0, cfg.warmup,
-                                cfg.latency_iters)["median_ms"]
-    except RuntimeError as exc:
-        c.notes.append(f"isolated latency failed, timed in-process instead: {exc}")
+    targets = [BenchTarget(spec.name, "engine", str(spec.engine_dir)) for spec, err in built if err is None]
+    targets += [BenchTarget(c.name, "engine", str(c.extra["engine_dir"])) for c in candidates
+                if c.extra.get("engine_dir") and c.backend in ("onnxruntime", "openvino") and c.executed_on == "cpu"]
+    if not targets:
         return None
+    adv = bar.task("latency per UNet call, CPU engines taking turns", 1)
+    try:
+        rep = run_bench(targets, [cfg.latency_batch], reps=1, rounds=min(5, cfg.latency_iters),
+                        warmup=cfg.warmup, iters=cfg.latency_iters)
+    except (RuntimeError, ValueError) as exc:
+        notes.append(f"unet_ms_per_call of the CPU engines: the joint run failed ({exc}); timed one by one in this "
+                     "process instead")
+        return None
+    adv(1)
+    return rep
 
 
 def _teacher_bytes(teacher: LoadedModel) -> Optional[int]:

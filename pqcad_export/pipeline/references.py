@@ -1,8 +1,8 @@
 """compare's FP engine references: the FP teacher at its 100 steps on the engine families a CPU deployment would
 use instead of INT8 (ONNX Runtime FP32 with ORT_ENABLE_ALL, OpenVINO at its default inference precision, which
 is bf16 on an AVX-512 BF16 CPU), so the headline speed-up is measured against the fastest FP engine, not against
-PyTorch. Each reference is timed alone: its per-call latency in its own process (engines.bench), its per-image
-latency with only that engine loaded here.
+PyTorch. Per-call latency: every CPU engine (these and the candidates) in its own process, taking turns in one
+engines.bench run (pipeline/compare.py); per-image latency: complete DDIM runs with only that engine loaded here.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def build_references(teacher, work: Path, notes: list[str]) -> list[tuple[RefSpe
     return out
 
 
-def measure_reference(spec: RefSpec, err: Optional[str], teacher, cfg, shape, device: torch.device,
-                      time_sampler: Callable, entry: Callable, ref_imgs_fn: Optional[Callable]) -> dict[str, Any]:
+def measure_reference(spec: RefSpec, err: Optional[str], call_ms: Optional[float], teacher, cfg, shape,
+                      device: torch.device, time_sampler: Callable, entry: Callable,
+                      ref_imgs_fn: Optional[Callable]) -> dict[str, Any]:
     """One compare.json reference entry (name, backend, precision, steps, unet_ms_per_call, ms_per_image, fid,
-    fid_to_fp32, model_bytes, notes); nulls with a note where it could not run."""
+    fid_to_fp32, model_bytes, notes); nulls with a note where it could not run. `call_ms`: its per-call latency
+    from compare's joint run of the CPU engines (None: timed here, alone in its own process)."""
     from engines import engine_bytes, load_engine
     from engines.bench import BenchTarget, measure_isolated
 
@@ -71,8 +73,8 @@ def measure_reference(spec: RefSpec, err: Optional[str], teacher, cfg, shape, de
     size = engine_bytes(spec.engine_dir)
     notes = []
     try:
-        ms = measure_isolated(BenchTarget(spec.name, "engine", str(spec.engine_dir)), cfg.latency_batch, 0,
-                              cfg.warmup, cfg.latency_iters)["median_ms"]
+        ms = call_ms or measure_isolated(BenchTarget(spec.name, "engine", str(spec.engine_dir)), cfg.latency_batch,
+                                         0, cfg.warmup, cfg.latency_iters)["median_ms"]
     except RuntimeError as exc:
         ms = None
         notes.append(f"unet_ms_per_call: {exc}")
