@@ -45,7 +45,7 @@ def build_fastest_cpu(onnx_path: str | Path, out_dir: str | Path, ort_config=Non
             chosen = min(ms, key=ms.get)
             other = next(n for n in ms if n != chosen)
             reason = (f"measured faster on this CPU: {ms[chosen]:.1f} ms vs {ms[other]:.1f} ms ({other}) per UNet "
-                      f"call at batch {batch} (median of {reps} isolated runs of {iters} calls)")
+                      f"call at batch {batch} (each in its own process, taking turns; {reps} x {iters} calls)")
         else:
             chosen = next(iter(built))
             reason = f"the only CPU engine that built ({'; '.join(f'{k}: {v}' for k, v in failures.items())})"

@@ -11,7 +11,7 @@ backend, the model size, GBOPs per UNet call, unet_ms_per_call, ms_per_image and
   export as the ORT INT8 engine and compiled as it is by OpenVINO). ms_per_image = steps x ms_per_call(batch B) / B
   with 100 steps for FP32 and the quantized teacher and 50 for the distilled student (the latency of one call
   does not depend on the learned values, so the quantized rows use a round-to-nearest model); each engine timed
-  in its own process, repetitions interleaved (engines.bench), ORT engines at the faster of the "extended" and
+  in its own process, the processes taking turns (engines.bench), ORT engines at the faster of the "extended" and
   "all" optimization levels (the JSON keeps both). TensorRT-RTX rows are built
   (parsed and compiled for --trt-arch) but not run: "validated", no latency.
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions, one process each (engines.bench)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, each with fresh processes that take turns (engines.bench)")
     ap.add_argument("--trt-arch", default="SM89", help="TensorRT-RTX build target of the validated rows ('' = skip)")
     ap.add_argument("--relax", type=float, nargs="*", default=[0.05, 0.1, 0.2], metavar="FRAC",
                     help="PCR relaxing: also time W4A8 with fp32 activations and give the 50-step sampler's "
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                          "precision": "FP (OpenVINO default)" if r["precision"] == "FP32" else r["precision"],
                          "backend": "openvino-cpu" + ("" if r["precision"] == "FP32" else " (INT8 kernels)"),
                          "engine": src, "bench_backend": "openvino"})
-    # every engine in its own process per batch, repetitions interleaved (engines.bench); ORT engines at both
+    # every engine in its own process per batch, taking turns (engines.bench); ORT engines at both
     # optimization levels, each row keeping its faster one ('all' adds NCHWc layouts: ~1.4x on FP32 convolutions)
     from engines.bench import BenchTarget, row, run_bench
 
