@@ -146,9 +146,10 @@ class _Worker:
         except queue.Empty:
             line = None
         if line is None:
-            self.close()
+            self._stop()
             self._err.seek(0)
             err = (self._err.read().strip().splitlines() or ["no output"])[-1]
+            self.close()
             raise RuntimeError(f"benchmark of {self.what} failed: {err}")
         return json.loads(line)
 
@@ -161,7 +162,7 @@ class _Worker:
             pass
         return self._read()
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
@@ -169,6 +170,10 @@ class _Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+
+    def close(self) -> None:
+        self._stop()
+        self._err.close()
 
 
 def measure_isolated(target: BenchTarget, batch: int, threads: int, warmup: int, iters: int, seed: int = 0,
@@ -246,7 +251,7 @@ def run_bench(targets: list[BenchTarget], batches: list[int], reps: int = 3, thr
                       f"calls), then {rounds} rounds in which the processes take turns in rotating order, each "
                       f"timing its share of {iters} calls while the others wait; median_ms = median of all round "
                       "medians, spread = (max - min) / median of the repetitions' medians; a ratio between two rows "
-                      "is the median of their per-round ratios (each round's turns are seconds apart)",
+                      "is the median of their per-round ratios (within a round the engines run back to back)",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -267,13 +272,23 @@ def row(report: dict[str, Any], name: str, batch: int) -> Optional[dict[str, Any
 def ratio(report: dict[str, Any], slower: str, faster: str, batch: int) -> Optional[float]:
     """How many times faster `faster` is than `slower` at `batch`: the median of the per-round ratios where both
     rows have them (paired turns cancel the machine's slow drifts), else median over median; None if missing."""
+    st = ratio_stats(report, slower, faster, batch)
+    return st["median"] if st else None
+
+
+def ratio_stats(report: dict[str, Any], slower: str, faster: str, batch: int) -> Optional[dict[str, Any]]:
+    """{median, p25, p75, rounds} of the per-round ratios slower / faster (p25 = p75 = median and rounds = 0 for
+    a report without round medians); None if a row is missing."""
     a, b = row(report, slower, batch), row(report, faster, batch)
     if not (a and b and b["median_ms"]):
         return None
     ra, rb = a.get("round_medians_ms"), b.get("round_medians_ms")
     if ra and rb and [len(x) for x in ra] == [len(x) for x in rb]:
-        return round(statistics.median(x / y for pa, pb in zip(ra, rb) for x, y in zip(pa, pb)), 3)
-    return round(a["median_ms"] / b["median_ms"], 3)
+        q = np.array([x / y for pa, pb in zip(ra, rb) for x, y in zip(pa, pb)])
+        p25, med, p75 = (round(float(v), 3) for v in np.percentile(q, [25, 50, 75]))
+        return {"median": med, "p25": p25, "p75": p75, "rounds": int(q.size)}
+    m = round(a["median_ms"] / b["median_ms"], 3)
+    return {"median": m, "p25": m, "p75": m, "rounds": 0}
 
 
 def _worker(job_json: str) -> None:

@@ -1,5 +1,6 @@
-"""engines.bench: every (engine, batch, repetition) is timed in its own process, interleaved; the report carries
-medians, spread, the CPU ISA and the thread count; and the `bench` CLI writes it as JSON."""
+"""engines.bench: every (engine, batch, repetition) is timed in its own process, the processes taking turns; the
+report carries medians, spread, per-round medians and paired ratios, the CPU ISA and the thread count; a failing
+engine is a one-line error; and the `bench` CLI writes the report as JSON."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from export_helpers import conv_qdq
 
-from engines.bench import BenchTarget, ratio, run_bench
+from engines.bench import BenchTarget, ratio, ratio_stats, run_bench
 from pqcad_export.cli import main
 
 
@@ -39,6 +41,9 @@ def test_each_measurement_runs_in_its_own_process(conv_onnx):
     ort2, ov2 = (next(r for r in rep["rows"] if r["name"] == n and r["batch"] == 2) for n in ("ort", "ov"))
     paired = sorted(a / b for x, y in zip(ort2["round_medians_ms"], ov2["round_medians_ms"]) for a, b in zip(x, y))
     assert ratio(rep, "ort", "ov", 2) == pytest.approx((paired[2] + paired[3]) / 2, rel=1e-2)
+    st = ratio_stats(rep, "ort", "ov", 2)
+    assert st["rounds"] == 6 and st["p25"] <= st["median"] <= st["p75"]
+    assert st["p25"] == pytest.approx(float(np.percentile(paired, 25)), rel=1e-2)
     old = {"rows": [{k: v for k, v in r.items() if k != "round_medians_ms"} for r in rep["rows"]]}
     assert ratio(old, "ort", "ov", 2) == pytest.approx(ort2["median_ms"] / ov2["median_ms"], rel=1e-2)
 

@@ -42,7 +42,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, rounds, iters, warmup, 
     from rich.console import Console
     from rich.table import Table
 
-    from engines.bench import BenchTarget, ratio, run_bench
+    from engines.bench import BenchTarget, ratio_stats, run_bench
 
     from ..errors import PqcadError, UsageError
     from ..pipeline.references import bench_targets
@@ -67,13 +67,22 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, rounds, iters, warmup, 
     t = Table(title=f"ms per UNet call, {rep['cpu_isa'] or rep['cpu']}, {rep['threads']} threads")
     for col in ("engine", "prec", "batch", "median", "spread", "vs fastest FP"):
         t.add_column(col)
+    rep["ratios_vs_fastest_fp"], lines = [], []
     for b in batches:
         fps = [r for r in rep["rows"] if r["batch"] == b and r["name"].startswith(("fp32-", "fp-"))]
         best = min(fps, key=lambda r: r["median_ms"], default=None)
         for r in (r for r in rep["rows"] if r["batch"] == b):
+            st = ratio_stats(rep, best["name"], r["name"], b) if best else None
             t.add_row(r["name"], r["precision"], str(b), f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
-                      f"{ratio(rep, best['name'], r['name'], b):.2f}x" if best else "-")
+                      f"{st['median']:.2f}x" if st else "-")
+            if st and r not in fps:
+                rep["ratios_vs_fastest_fp"].append({"batch": b, "engine": r["name"], "reference": best["name"], **st})
+                if st["rounds"]:
+                    lines.append(f"batch {b}, {r['name']}: {st['median']:.2f}x; middle half of {st['rounds']} "
+                                 f"rounds {st['p25']:.2f}-{st['p75']:.2f}x")
     Console().print(t)
+    for line in lines:
+        con.print(line)
     if profile:
         rep["profile"] = _profile(targets, max(batches), threads)
         for name, ops in rep["profile"].items():

@@ -228,7 +228,8 @@ def run_compare(teacher: LoadedModel, candidates: list[Candidate], out_dir: str 
         "notes": notes, "config": asdict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if joint:  # the CPU engines' per-call run: what unet_ms_per_call and unet_speedup_vs_reference come from
-        report["unet_call_run"] = {k: joint[k] for k in ("rows", "method", "threads", "cpu_isa", "load_average_before")}
+        keys = ("rows", "method", "threads", "cpu_isa", "load_average_before")
+        report["unet_call_run"] = {k: joint[k] for k in keys}
     if quality is not None:
         report["quality"] = quality
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -315,8 +316,8 @@ def _joint_call_latency(built: list, candidates: list[Candidate], cfg: CompareCo
         rep = run_bench(targets, [cfg.latency_batch], reps=1, rounds=min(5, cfg.latency_iters),
                         warmup=cfg.warmup, iters=cfg.latency_iters)
     except (RuntimeError, ValueError) as exc:
-        notes.append(f"unet_ms_per_call of the CPU engines: the joint run failed ({exc}); timed one by one in this "
-                     "process instead")
+        notes.append(f"unet_ms_per_call of the CPU engines: the joint run failed ({exc}); timed one by one "
+                     "instead")
         return None
     adv(1)
     return rep
