@@ -77,6 +77,8 @@ def test_bench_cli_json_and_bad_target(conv_onnx, tmp_path):
     assert rep["rows"][0]["name"] == "c" and rep["rows"][0]["median_ms"] > 0
     r = CliRunner().invoke(main, ["bench", "--no-fp", "--target", "nonsense"])
     assert r.exit_code == 2
+    r = CliRunner().invoke(main, ["bench", "--no-fp", "--target", f"c=onnxruntime:{conv_onnx}", "--rounds", "0"])
+    assert r.exit_code == 2 and "--rounds" in r.output
 
 
 def test_bench_worker_imports_no_torch():

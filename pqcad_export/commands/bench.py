@@ -17,11 +17,13 @@ from ..cli import MODEL_HELP, friendly, main
 @click.option("--target", "specs", multiple=True,
               help="extra NAME=engine|onnxruntime|openvino:PATH[@PRECISION] (an engine dir or an ONNX file)")
 @click.option("--batch", "batches", multiple=True, type=int, default=(1, 8), show_default=True)
-@click.option("--reps", default=3, show_default=True, help="repetitions, each with fresh processes")
-@click.option("--rounds", default=5, show_default=True, help="turns per process and repetition: the engines take "
-              "turns, so slow drifts of the machine hit them alike; ratios are per round")
-@click.option("--iters", default=50, show_default=True, help="timed calls per process and repetition (split over "
-              "the rounds)")
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1),
+              help="repetitions, each with fresh processes")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="turns per process and repetition: the engines take turns, so slow drifts of the machine hit "
+              "them alike; ratios are per round")
+@click.option("--iters", default=50, show_default=True, type=click.IntRange(min=1),
+              help="timed calls per process and repetition (split over the rounds)")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="intra-op threads (0 = all cores)")
 @click.option("--workdir", default="bench_work", show_default=True, type=click.Path(file_okay=False))
