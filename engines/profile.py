@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 
-def _feeds(path: str | Path, batch: int) -> dict[str, np.ndarray]:
+def sample_feeds(path: str | Path, batch: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for one call of an exported UNet at `batch` (sample, timestep): what profiles feed."""
     import onnx
 
     from .onnxruntime import _input_meta
@@ -42,7 +43,7 @@ def openvino_ops(path: str | Path, batch: int = 8, precision: str = "default", t
     compiled = compile_onnx(path, OvConfig(precision=precision, threads=threads), {"PERF_COUNT": "YES"},
                             batch=batch if static_batch else None)
     req = compiled.create_infer_request()
-    f = _feeds(path, batch)
+    f = sample_feeds(path, batch)
     for _ in range(3):
         req.infer(f)
     agg: dict[str, float] = collections.defaultdict(float)
@@ -66,7 +67,7 @@ def onnxruntime_ops(path: str | Path, batch: int = 8, level: str = "extended", t
         so = session_options(cfg, profile=True)
         so.profile_file_prefix = os.path.join(td, "ort")
         sess = _ort().InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        f = _feeds(path, batch)
+        f = sample_feeds(path, batch)
         for _ in range(3 + iters):
             sess.run(None, f)
         events = json.loads(Path(sess.end_profiling()).read_text())

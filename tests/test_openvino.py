@@ -175,6 +175,16 @@ def test_compare_references_and_executed_label(w8, tiny_attn_unet_dir, tmp_path,
         assert c["status"] == "executed" and c["fid_to_fp32"] is not None
 
 
+def test_time_by_part_finds_the_convolutions_and_norms(w8):
+    """research.ov_time_by_part (the RESULTS table of where an OpenVINO call spends its time) attributes the tiny
+    export's runtime nodes to UNet parts: its convolutions and GroupNorms both take time."""
+    from research.ov_time_by_part import PARTS, profile
+
+    _, path = w8
+    parts = profile(str(path), 2, 1, 2)
+    assert set(parts) <= set(PARTS) and parts["conv"] > 0 and parts["groupnorm"] > 0
+
+
 def test_auto_on_cpu_keeps_the_measured_faster_engine(w8, tmp_path):
     from engines import CPU_FASTEST, resolve_backend
 
