@@ -110,7 +110,7 @@ def main() -> None:
     from engines.bench import ratio, run_bench
     from pqcad_export.export.onnx import export_unet
     from pqcad_export.model_io import load_model
-    from pqcad_export.pipeline.references import bench_targets
+    from pqcad_export.pipeline.references import bench_targets, fastest_fp_row
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pqcad_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -140,11 +140,11 @@ def main() -> None:
                 "torch": torch.__version__})
     for b in args.batch:
         rows = [r for r in res["rows"] if r["batch"] == b]
-        fps = sorted((r for r in rows if r["name"].startswith(("fp32-", "fp-"))), key=lambda r: r["median_ms"])
+        best = fastest_fp_row(res, b)
         print(f"batch {b} ({res['cpu_isa']}, {res['threads']} threads): ms per UNet call, median of "
               f"{args.reps} x {res['rounds']} turns")
         for r in rows:
-            vs = f"{ratio(res, fps[0]['name'], r['name'], b):.2f}x vs fastest FP" if fps else ""
+            vs = f"{ratio(res, best['name'], r['name'], b):.2f}x vs fastest FP" if best else ""
             print(f"  {r['name']:22s} {r['precision']:8s} {r['median_ms']:9.2f}  spread {100 * r['spread']:3.0f}%  {vs}")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

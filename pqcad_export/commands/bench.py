@@ -47,7 +47,7 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, rounds, iters, warmup, 
     from engines.bench import BenchTarget, ratio_stats, run_bench
 
     from ..errors import PqcadError, UsageError
-    from ..pipeline.references import bench_targets
+    from ..pipeline.references import FP_TARGET_PREFIXES, bench_targets, fastest_fp_row
 
     con = Console(stderr=True)
     try:
@@ -71,13 +71,12 @@ def bench(onnx_file, model, no_fp, specs, batches, reps, rounds, iters, warmup, 
         t.add_column(col)
     rep["ratios_vs_fastest_fp"], lines = [], []
     for b in batches:
-        fps = [r for r in rep["rows"] if r["batch"] == b and r["name"].startswith(("fp32-", "fp-"))]
-        best = min(fps, key=lambda r: r["median_ms"], default=None)
+        best = fastest_fp_row(rep, b)
         for r in (r for r in rep["rows"] if r["batch"] == b):
             st = ratio_stats(rep, best["name"], r["name"], b) if best else None
             t.add_row(r["name"], r["precision"], str(b), f"{r['median_ms']:.2f}", f"{100 * r['spread']:.0f}%",
                       f"{st['median']:.2f}x" if st else "-")
-            if st and r not in fps:
+            if st and not r["name"].startswith(FP_TARGET_PREFIXES):
                 rep["ratios_vs_fastest_fp"].append({"batch": b, "engine": r["name"], "reference": best["name"], **st})
                 if st["rounds"]:
                     lines.append(f"batch {b}, {r['name']}: {st['median']:.2f}x; middle half of {st['rounds']} "

@@ -31,22 +31,21 @@ def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of the graph's tensors where ONNX shape inference knows them."""
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Shapes of the graph's tensors where ONNX shape inference knows them (None for a dimension it cannot fix)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(inferred.graph.value_info)
-            + list(inferred.graph.input) if vi.type.tensor_type.HasField("shape")}
+    return {vi.name: [int(d.dim_value) if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    return {k: len(v) for k, v in _shapes(model).items()}
 
 
 def _channels(model: onnx.ModelProto) -> dict[str, int]:
-    """Static axis-1 sizes of the graph's tensors (ONNX shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[1].HasField("dim_value"):
-            out[vi.name] = int(dims[1].dim_value)
-    return out
+    """Static axis-1 sizes of the graph's tensors."""
+    return {k: v[1] for k, v in _shapes(model).items() if len(v) >= 2 and v[1] is not None}
 
 
 def fold_concat_slices(model: onnx.ModelProto) -> int:

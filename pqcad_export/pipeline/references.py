@@ -99,6 +99,15 @@ def fastest(entries: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
     return min(timed, key=lambda e: e["ms_per_image"]) if timed else None
 
 
+FP_TARGET_PREFIXES = ("fp32-", "fp-")  # the FP rows of a bench report (bench_targets' names)
+
+
+def fastest_fp_row(report: dict[str, Any], batch: int) -> Optional[dict[str, Any]]:
+    """The FP row of an engines.bench report with the lowest median at `batch` (what INT8 is judged against)."""
+    fps = [r for r in report["rows"] if r["batch"] == batch and r["name"].startswith(FP_TARGET_PREFIXES)]
+    return min(fps, key=lambda r: r["median_ms"], default=None)
+
+
 def bench_targets(onnx_file, model, workdir: Path, fp: bool = True, ort_int8: bool = True, dynamic: bool = False):
     """The comparison the project is judged by: the QDQ export on OpenVINO and on the ONNX Runtime INT8 engine,
     and the FP model (plain ONNX) on ONNX Runtime FP32 and OpenVINO at its default precision. OpenVINO compiles
